@@ -1,0 +1,66 @@
+"""The gate: one per residual branch (attention or MLP) of a transformer block.
+
+A model calls ``gate(branch_fn, *args)`` instead of ``branch_fn(*args)`` and adds the result to its residual
+stream. The gate's state (``dropped``, ``skipped``, ``scale``) is set by a handler *before* the forward pass, so
+the decision for a micro-batch is fixed in advance and is the same when activation checkpointing recomputes it.
+"""
+
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+
+class DropBPGate(nn.Module):
+    """Wraps one residual branch.
+
+    - ``dropped`` (DropBP): the branch runs forward exactly but under ``torch.no_grad()``: it builds no graph,
+      keeps no activations, and back-propagation does not enter it (gradients still flow through the residual).
+    - ``skipped`` (Progressive Layer Dropping): the branch does not run at all; the gate returns ``None``.
+    - ``scale``: multiplies a kept branch's output (PLD's 1/keep); 1.0 means untouched.
+
+    The gate has no parameters or buffers, so wrapping a model leaves its state-dict keys unchanged.
+    """
+
+    def __init__(
+        self, kind: str, layer: int = 0, flops: float = 1.0, branch_modules: Sequence[nn.Module] = ()
+    ) -> None:
+        super().__init__()
+        self.kind = kind
+        self.layer = layer
+        self.flops = float(flops)
+        # a tuple is not registered as a submodule: the gate must not duplicate the branch's state-dict entries
+        self.branch_modules = tuple(branch_modules)
+        self.dropped = False
+        self.skipped = False
+        self.scale = 1.0
+
+    def forward(self, branch: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> Optional[torch.Tensor]:
+        if self.skipped:
+            return None
+        if self.dropped and torch.is_grad_enabled():
+            with torch.no_grad():
+                out = branch(*args, **kwargs)
+        else:
+            out = branch(*args, **kwargs)
+        if self.scale != 1.0:
+            out = out * self.scale
+        return out
+
+    def branch_parameters(self) -> list:
+        """Parameters of the modules this branch runs (they get no gradient when the branch is dropped)."""
+        seen, params = set(), []
+        for module in self.branch_modules:
+            for p in module.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+        return params
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, layer={self.layer}, flops={self.flops:.3g}"
+
+
+def find_gates(model: nn.Module) -> list:
+    """Every gate of the model, in module order (block 0 attention, block 0 MLP, block 1 attention, ...)."""
+    return [m for m in model.modules() if isinstance(m, DropBPGate)]

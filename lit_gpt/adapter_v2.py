@@ -1,0 +1,20 @@
+"""litgpt's adapter v2 GPT with a DropBP gate on every attention and MLP residual branch."""
+
+import litgpt.adapter_v2
+from litgpt.adapter_v2 import Config, mark_only_adapter_v2_as_trainable  # noqa: F401 (re-exported)
+
+from lit_gpt.gated import GatedBlock, install_gates, reset_adapter_cache
+
+
+class Block(GatedBlock, litgpt.adapter_v2.Block):
+    pass
+
+
+class GPT(litgpt.adapter_v2.GPT):
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        install_gates(self, Block)
+
+    def forward(self, *args, **kwargs):
+        reset_adapter_cache(self)
+        return super().forward(*args, **kwargs)

@@ -1,0 +1,94 @@
+"""The gated block: litgpt's Block.forward with each residual branch called through a DropBPGate.
+
+Works for every block layout litgpt has: sequential (LLaMA), parallel residual (Pythia, Falcon, Phi; with or
+without a shared attention norm) and post-branch norms (Gemma 2). Each addition happens in the same order as in
+litgpt, so with no branch dropped or skipped the output is bitwise identical to litgpt's.
+"""
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from dropbp.flops import attention_flops, mlp_flops
+from dropbp.gate import DropBPGate
+
+
+def _add(branch_out: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return x if branch_out is None else branch_out + x
+
+
+class GatedBlock:
+    """Mixin placed before a litgpt Block class; :func:`install_gates` turns built blocks into it."""
+
+    attn_gate: DropBPGate
+    mlp_gate: DropBPGate
+
+    def _attention(self, x_normed, cos, sin, mask, input_pos, input_pos_maxp1) -> torch.Tensor:
+        return self.post_attention_norm(self.attn(x_normed, cos, sin, mask, input_pos, input_pos_maxp1))
+
+    def _mlp(self, x_normed: torch.Tensor) -> torch.Tensor:
+        return self.post_mlp_norm(self.mlp(x_normed))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        input_pos: Optional[torch.Tensor] = None,
+        input_pos_maxp1: Optional[int] = None,
+    ) -> torch.Tensor:
+        attn_args = (cos, sin, mask, input_pos, input_pos_maxp1)
+        if self.config.parallel_residual and self.config.shared_attention_norm:
+            # norm_1 feeds both branches: it needs a graph unless both are dropped
+            both_dropped = self.attn_gate.dropped and self.mlp_gate.dropped
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not both_dropped):
+                x_normed = self.norm_1(x)
+            attention_output = self.attn_gate(self._attention, x_normed, *attn_args)
+            mlp_output = self.mlp_gate(self._mlp, x_normed)
+            return _add(mlp_output, _add(attention_output, x))
+        attention_output = self.attn_gate(lambda h: self._attention(self.norm_1(h), *attn_args), x)
+        if self.config.parallel_residual:
+            mlp_output = self.mlp_gate(lambda h: self._mlp(self.norm_2(h)), x)
+            return _add(mlp_output, _add(attention_output, x))
+        x = _add(attention_output, x)
+        return _add(self.mlp_gate(lambda h: self._mlp(self.norm_2(h)), x), x)
+
+
+def install_gates(model: nn.Module, block_class: type, seq_len: Optional[int] = None) -> nn.Module:
+    """Turn every block of a built litgpt model into ``block_class`` (a GatedBlock subclass of the block's own
+    class) and give it an attention gate and an MLP gate. No parameter is created or re-initialised, so the
+    state-dict keys and values, and the RNG stream, are those of the plain litgpt model."""
+    litgpt_block = block_class.__bases__[-1]
+    for idx, block in enumerate(model.transformer.h):
+        if type(block) is not litgpt_block:
+            raise TypeError(f"{block_class.__module__}.{block_class.__name__} cannot wrap a {type(block)}")
+        block.__class__ = block_class
+        norm_2 = block.norm_1 if block.norm_2 is None else block.norm_2  # shared attention norm
+        block.attn_gate = DropBPGate("attn", idx, 1.0, (block.norm_1, block.attn, block.post_attention_norm))
+        block.mlp_gate = DropBPGate("mlp", idx, 1.0, (norm_2, block.mlp, block.post_mlp_norm))
+    set_gate_flops(model, seq_len or model.config.block_size)
+    return model
+
+
+def set_gate_flops(model: nn.Module, seq_len: int) -> None:
+    """Weight each gate by its branch's FLOPs at the training sequence length (the attention term grows as s^2)."""
+    config = model.config
+    for idx, block in enumerate(model.transformer.h):
+        if config.latent_attention:  # no closed formula here: count the projections' weights
+            heads = config.n_head * config.head_size
+            attn = 2 * seq_len * sum(p.numel() for p in block.attn.parameters()) + 4 * seq_len**2 * heads
+        else:
+            attn = attention_flops(config, seq_len)
+        block.attn_gate.flops = float(attn)
+        block.mlp_gate.flops = mlp_flops(config, seq_len, dense=type(block.mlp).__name__ == "LLaMAMLP")
+
+
+def reset_adapter_cache(model: nn.Module) -> None:
+    """litgpt 0.5.13's adapter caches the prefix keys/values, graph included, on the first call, so a second
+    training step back-propagates into a freed graph. Rebuild them whenever a graph is being recorded."""
+    if torch.is_grad_enabled():
+        for block in model.transformer.h:
+            if getattr(block.attn, "adapter_kv_cache", None) is not None:
+                block.attn.adapter_kv_cache = None

@@ -1,0 +1,20 @@
+import torch
+from litgpt.config import Config
+
+torch.set_num_threads(2)
+
+# one tiny config per block layout litgpt has (real model families, shrunk)
+TINY = dict(n_layer=2, n_embd=32, n_head=4, block_size=32, vocab_size=64, padded_vocab_size=64)
+LAYOUTS = {
+    "llama": dict(name="Llama-2-7b-hf", intermediate_size=64, n_query_groups=4),  # sequential, pre-norm
+    "pythia": dict(name="pythia-14m"),  # parallel residual, separate norms
+    "falcon": dict(name="falcon-7b", n_query_groups=1),  # parallel residual, shared attention norm
+    "phi": dict(name="phi-2", intermediate_size=64),  # parallel residual, shared norm, partial rotary
+    "gemma2": dict(name="gemma-2-2b", intermediate_size=64, n_query_groups=2, head_size=8),  # post-branch norms
+}
+
+
+def tiny_config(layout: str, config_class: type = Config, **overrides) -> Config:
+    spec = dict(LAYOUTS[layout])
+    name = spec.pop("name")
+    return config_class.from_name(name, **{**TINY, **spec, **overrides})
