@@ -6,7 +6,7 @@ Model-agnostic (torch only): put a :class:`DropBPGate` around each residual bran
 
 from dropbp.allocation import allocate_rates
 from dropbp.flops import branch_flops
-from dropbp.gate import DropBPGate, find_gates
+from dropbp.gate import DropBPGate, add_branch, find_gates
 from dropbp.handler import SAMPLING_MODES, DropBPHandler, check_rate
 from dropbp.pld import PLDHandler
 from dropbp.sensitivity import METRICS, compute_sensitivity
@@ -17,6 +17,7 @@ __all__ = [
     "PLDHandler",
     "METRICS",
     "SAMPLING_MODES",
+    "add_branch",
     "allocate_rates",
     "branch_flops",
     "check_rate",

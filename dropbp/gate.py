@@ -61,6 +61,11 @@ class DropBPGate(nn.Module):
         return f"kind={self.kind!r}, layer={self.layer}, flops={self.flops:.3g}"
 
 
+def add_branch(branch_out: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``branch_out + x`` (that order, as litgpt writes it), or ``x`` when PLD skipped the branch."""
+    return x if branch_out is None else branch_out + x
+
+
 def find_gates(model: nn.Module) -> list:
     """Every gate of the model, in module order (block 0 attention, block 0 MLP, block 1 attention, ...)."""
     return [m for m in model.modules() if isinstance(m, DropBPGate)]

@@ -11,11 +11,7 @@ import torch
 from torch import nn
 
 from dropbp.flops import attention_flops, mlp_flops
-from dropbp.gate import DropBPGate
-
-
-def _add(branch_out: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    return x if branch_out is None else branch_out + x
+from dropbp.gate import DropBPGate, add_branch
 
 
 class GatedBlock:
@@ -47,13 +43,13 @@ class GatedBlock:
                 x_normed = self.norm_1(x)
             attention_output = self.attn_gate(self._attention, x_normed, *attn_args)
             mlp_output = self.mlp_gate(self._mlp, x_normed)
-            return _add(mlp_output, _add(attention_output, x))
+            return add_branch(mlp_output, add_branch(attention_output, x))
         attention_output = self.attn_gate(lambda h: self._attention(self.norm_1(h), *attn_args), x)
         if self.config.parallel_residual:
             mlp_output = self.mlp_gate(lambda h: self._mlp(self.norm_2(h)), x)
-            return _add(mlp_output, _add(attention_output, x))
-        x = _add(attention_output, x)
-        return _add(self.mlp_gate(lambda h: self._mlp(self.norm_2(h)), x), x)
+            return add_branch(mlp_output, add_branch(attention_output, x))
+        x = add_branch(attention_output, x)
+        return add_branch(self.mlp_gate(lambda h: self._mlp(self.norm_2(h)), x), x)
 
 
 def install_gates(model: nn.Module, block_class: type, seq_len: Optional[int] = None) -> nn.Module:
