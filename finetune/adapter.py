@@ -1,0 +1,70 @@
+"""Adapter (v2) fine-tuning with DropBP.  Example: python finetune/adapter.py --dropbp.rate 0.875"""
+
+import sys
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a checkout
+
+from litgpt.args import EvalArgs, TrainArgs
+from litgpt.data import DataModule
+
+from finetune import trainer
+from finetune.args import DropBPArgs, PLDArgs
+from lit_gpt.adapter_v2 import GPT, Config, mark_only_adapter_v2_as_trainable
+
+
+def finalize(fabric, model, checkpoint_dir: Path, final_dir: Path) -> None:
+    """Like litgpt: the adapter weights alone, used with the base model, e.g.
+    ``python -m litgpt.generate.adapter_v2 --checkpoint_dir <base> --adapter_path final/lit_model.pth.adapter_v2``."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    trainer.save_weights(fabric, model, final_dir / "lit_model.pth.adapter_v2", keep=lambda name: name in trainable)
+
+
+def setup(
+    checkpoint_dir: Optional[Path] = None,
+    out_dir: Path = Path("out/finetune/adapter-v2"),
+    precision: Optional[str] = None,
+    devices: int = 1,
+    num_nodes: int = 1,
+    data: Optional[DataModule] = None,
+    train: TrainArgs = trainer.default_train_args(),
+    eval: EvalArgs = trainer.default_eval_args(),
+    dropbp: DropBPArgs = DropBPArgs(),
+    pld: PLDArgs = PLDArgs(),
+    optimizer: Union[str, dict] = "AdamW",
+    logger_name: Literal["csv", "tensorboard"] = "csv",
+    seed: int = 1337,
+    resume: Union[bool, Literal["auto"], Path] = False,
+) -> None:
+    """Adapter v2 fine-tuning with DropBP.
+
+    Arguments:
+        checkpoint_dir: litgpt checkpoint to fine-tune (default: the built-in tiny model and data).
+        out_dir: where logs, checkpoints and ``final/lit_model.pth.adapter_v2`` go.
+        precision: "32-true", "bf16-true", "bf16-mixed", ... (default: bf16-true on GPU, 32-true on CPU).
+        devices: devices per node.
+        num_nodes: number of nodes.
+        data: Alpaca, Dolly, JSON or Builtin (default: Builtin with the built-in model, else Alpaca).
+        train: training arguments, as litgpt's.
+        eval: evaluation arguments, as litgpt's.
+        dropbp: DropBP arguments.
+        pld: Progressive Layer Dropping baseline arguments.
+        optimizer: optimizer name or config (as litgpt's).
+        logger_name: csv or tensorboard.
+        seed: seed of data order, initialisation and dropout.
+        resume: continue from the latest checkpoint in out_dir ("auto") or from a given one.
+    """
+    method = trainer.Method(
+        name="adapter_v2",
+        gpt_class=GPT,
+        config=lambda d: Config.from_file(d / "model_config.yaml"),
+        mark_trainable=mark_only_adapter_v2_as_trainable,
+        finalize=finalize,
+    )
+    trainer.run(method, checkpoint_dir, out_dir, precision, devices, num_nodes, data, train, eval, dropbp, pld,
+                optimizer, logger_name, seed, resume)
+
+
+if __name__ == "__main__":
+    trainer.cli(setup)

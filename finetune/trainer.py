@@ -1,0 +1,516 @@
+"""The one training loop every recipe shares: litgpt's fine-tuning loop with DropBP (or PLD) in it.
+
+Read top to bottom: `run` checks the arguments and builds Fabric, `main` builds the model, optimizer, data and
+DropBP handler, `fit` trains (uniform rates until `sensitivity_at`, then the sensitivity pass and re-allocation),
+and the method's `finalize` writes `final/` (LoRA merged into `lit_model.pth` like litgpt).
+"""
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import lightning as L
+import torch
+from jsonargparse import CLI
+from litgpt.args import EvalArgs, TrainArgs
+from litgpt.config import Config
+from litgpt.data import DataModule
+from litgpt.prompts import save_prompt_style
+from litgpt.tokenizer import Tokenizer
+from litgpt.utils import CycleIterator, chunked_cross_entropy, choose_logger, copy_config_files, num_parameters
+from tqdm import tqdm
+
+from dropbp import DropBPHandler, PLDHandler, allocate_rates, check_rate, compute_sensitivity
+from dropbp.lr import compensate_lr, param_groups, set_lr
+from finetune.args import DropBPArgs, PLDArgs
+from lit_gpt.data import Builtin
+from lit_gpt.gated import set_gate_flops
+from lit_gpt.tiny_model import TINY_MODEL_NOTE, ensure_tiny_checkpoint
+
+REQUIRED_CHECKPOINT_FILES = ("lit_model.pth", "model_config.yaml")
+
+
+class UsageError(Exception):
+    """Bad input: the CLI prints the message as one line and exits with status 2."""
+
+
+@dataclass
+class Method:
+    """What differs between recipes: the model class, what trains, and how `final/` is written."""
+
+    name: str
+    gpt_class: type
+    config: Callable[[Path], Config]  # checkpoint_dir -> config with the method's extras (LoRA rank, ...)
+    mark_trainable: Callable[[torch.nn.Module], None]
+    finalize: Callable[[L.Fabric, torch.nn.Module, Path, Path], None]  # (fabric, model, checkpoint_dir, final_dir)
+    prepare: Optional[Callable[[torch.nn.Module, L.Fabric], torch.nn.Module]] = None  # after weights load (QLoRA)
+    quantize: Optional[str] = None
+    full: bool = False  # full fine-tuning: every parameter trains
+
+
+def default_train_args() -> TrainArgs:
+    """Sized for the built-in tiny model (a few minutes on 2 CPU cores); the config_hub YAMLs hold the paper's."""
+    return TrainArgs(
+        save_interval=100, log_interval=1, global_batch_size=16, micro_batch_size=4, lr_warmup_steps=10,
+        epochs=None, max_steps=200, max_seq_length=None, min_lr=0.0,
+    )
+
+
+def default_eval_args() -> EvalArgs:
+    return EvalArgs(interval=50, max_new_tokens=50, max_iters=20)
+
+
+def cli(setup: Callable) -> None:
+    """jsonargparse CLI around a recipe's `setup`; bad input becomes one line on stderr and exit status 2."""
+    try:
+        CLI(setup)
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+def resolve_checkpoint_dir(checkpoint_dir: Optional[Path]) -> Path:
+    if checkpoint_dir is None:
+        checkpoint_dir = ensure_tiny_checkpoint()
+        print(TINY_MODEL_NOTE.format(path=checkpoint_dir) if "{path}" in TINY_MODEL_NOTE else TINY_MODEL_NOTE)
+        return checkpoint_dir
+    checkpoint_dir = Path(checkpoint_dir).expanduser().resolve()
+    if not checkpoint_dir.is_dir():
+        raise UsageError(
+            f"checkpoint dir {checkpoint_dir} not found (download one with `litgpt download <repo_id>`,"
+            " or leave --checkpoint_dir out to use the built-in tiny model)"
+        )
+    missing = [f for f in REQUIRED_CHECKPOINT_FILES if not (checkpoint_dir / f).is_file()]
+    if not any((checkpoint_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        missing.append("tokenizer.json or tokenizer.model")
+    if missing:
+        raise UsageError(f"checkpoint dir {checkpoint_dir} is incomplete: missing {', '.join(missing)}")
+    return checkpoint_dir
+
+
+def check_args(train: TrainArgs, dropbp: DropBPArgs, pld: PLDArgs, devices: int, num_nodes: int) -> None:
+    check_rate(dropbp.rate, "--dropbp.rate")
+    check_rate(dropbp.max_rate, "--dropbp.max_rate")
+    if dropbp.rate > dropbp.max_rate:
+        raise UsageError(f"--dropbp.rate {dropbp.rate} is above --dropbp.max_rate {dropbp.max_rate}")
+    if not 0.0 <= dropbp.sensitivity_at < 1.0:
+        raise UsageError(f"--dropbp.sensitivity_at must be in [0, 1), got {dropbp.sensitivity_at}")
+    if pld.enabled and dropbp.rate > 0 and not pld.with_dropbp:
+        raise UsageError("PLD and DropBP are both on: pass --pld.with_dropbp true to combine them on purpose")
+    if train.micro_batch_size < 1 or train.global_batch_size % (train.micro_batch_size * devices * num_nodes):
+        raise UsageError(
+            f"--train.global_batch_size {train.global_batch_size} must be a multiple of"
+            f" micro_batch_size x devices x num_nodes = {train.micro_batch_size * devices * num_nodes}"
+        )
+    if not (train.max_steps or train.epochs):
+        raise UsageError("set --train.max_steps or --train.epochs")
+
+
+def default_precision() -> str:
+    if torch.cuda.is_available():
+        return "bf16-true" if torch.cuda.is_bf16_supported() else "16-true"
+    return "32-true"  # bf16 on CPU is about 10x slower
+
+
+def run(
+    method: Method,
+    checkpoint_dir: Optional[Path],
+    out_dir: Path,
+    precision: Optional[str],
+    devices: int,
+    num_nodes: int,
+    data: Optional[DataModule],
+    train: TrainArgs,
+    eval: EvalArgs,
+    dropbp: DropBPArgs,
+    pld: PLDArgs,
+    optimizer: str | dict,
+    logger_name: str,
+    seed: int,
+    resume: bool | str | Path,
+    plugins=None,
+) -> None:
+    builtin_model = checkpoint_dir is None
+    checkpoint_dir = resolve_checkpoint_dir(checkpoint_dir)
+    data = (Builtin() if builtin_model else _default_real_data()) if data is None else data
+    check_args(train, dropbp, pld, devices, num_nodes)
+    out_dir = Path(out_dir).expanduser().resolve()
+    precision = precision or default_precision()
+    config = method.config(checkpoint_dir)
+    if train.max_seq_length is not None and train.max_seq_length > config.block_size:
+        raise UsageError(
+            f"--train.max_seq_length {train.max_seq_length} is above the model's block size {config.block_size}"
+        )
+    logger = choose_logger(logger_name, out_dir, name=f"finetune-{method.name}-{config.name}", log_interval=1)
+    strategy = "auto"
+    if devices * num_nodes > 1:
+        strategy = "fsdp" if method.full else "ddp"
+    fabric = L.Fabric(
+        devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, loggers=logger, plugins=plugins
+    )
+    fabric.launch(main, method, config, checkpoint_dir, out_dir, data, train, eval, dropbp, pld, optimizer, seed, resume)
+
+
+def _default_real_data() -> DataModule:
+    from litgpt.data import Alpaca
+
+    return Alpaca()
+
+
+# ------------------------------------------------------------------------------------------------- main
+def main(
+    fabric: L.Fabric,
+    method: Method,
+    config: Config,
+    checkpoint_dir: Path,
+    out_dir: Path,
+    data: DataModule,
+    train: TrainArgs,
+    eval: EvalArgs,
+    dropbp: DropBPArgs,
+    pld: PLDArgs,
+    optimizer_spec: str | dict,
+    seed: int,
+    resume: bool | str | Path,
+) -> None:
+    tokenizer = Tokenizer(checkpoint_dir)
+    data.connect(tokenizer=tokenizer, batch_size=train.micro_batch_size, max_seq_length=train.max_seq_length)
+    with fabric.rank_zero_first():
+        data.prepare_data()
+    data.setup()
+    train_loader, val_loader = fabric.setup_dataloaders(data.train_dataloader(), data.val_dataloader())
+    accum = train.global_batch_size // (train.micro_batch_size * fabric.world_size)
+    steps_per_epoch = max(1, len(train_loader) // accum)
+    max_steps = min(train.max_steps or math.inf, (train.epochs or math.inf) * steps_per_epoch)
+
+    fabric.seed_everything(seed)
+    with fabric.init_module(empty_init=fabric.world_size > 1):
+        model = method.gpt_class(config)
+    state = torch.load(checkpoint_dir / "lit_model.pth", map_location="cpu", mmap=True, weights_only=True)
+    model.load_state_dict(state.get("model", state), strict=False)
+    method.mark_trainable(model)
+    if method.prepare is not None:
+        model = method.prepare(model, fabric)
+    seq_len = train.max_seq_length or config.block_size
+    model.max_seq_length = min(seq_len, config.block_size)
+    set_gate_flops(model, model.max_seq_length)
+
+    handler = DropBPHandler(model, rate=dropbp.rate, sampling=dropbp.sampling, seed=seed if dropbp.seed is None else dropbp.seed)
+    pld_handler = PLDHandler(model, pld.theta_bar, pld.gamma, seed=seed) if pld.enabled else None
+    fabric.print(
+        f"Trainable parameters: {num_parameters(model, requires_grad=True):,} | frozen:"
+        f" {num_parameters(model, requires_grad=False):,} | {len(handler.gates)} gated branches,"
+        f" DropBP rate {dropbp.rate} ({dropbp.allocation}, {dropbp.sampling}){' + PLD' if pld.enabled else ''}"
+    )
+
+    model = fabric.setup_module(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(optimizer_spec, param_groups(handler, trainable))
+    optimizer = fabric.setup_optimizers(optimizer)
+    compensate_lr(optimizer, handler, enabled=dropbp.lr_compensation)
+
+    progress = {"step": 0, "iter": 0, "best_val": None}
+    resume_path = find_resume_path(out_dir, resume)
+    if resume_path is not None:
+        restored = fabric.load(resume_path, {"model": model, "optimizer": optimizer}, strict=False)
+        progress.update(restored["progress"])
+        handler.load_state_dict(restored["dropbp"])
+        if pld_handler is not None:
+            pld_handler.load_state_dict(restored["pld"])
+        compensate_lr(optimizer, handler, enabled=dropbp.lr_compensation)
+        fabric.print(f"Resumed from {resume_path} at step {progress['step']}")
+        restored_rng = restored["rng"]
+    else:
+        restored_rng = None
+
+    fit(fabric, method, model, optimizer, handler, pld_handler, train_loader, val_loader, data, train, eval,
+        dropbp, out_dir, checkpoint_dir, accum, max_steps, progress, restored_rng)
+
+    if eval.final_validation:
+        val_loss = validate(fabric, model, val_loader, len(val_loader), pld_handler)
+        fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, step=progress["iter"])
+        fabric.print(f"Final evaluation | val loss: {val_loss:.3f} | val ppl: {math.exp(val_loss):.3f}")
+    final_dir = out_dir / "final"
+    if fabric.global_rank == 0:
+        final_dir.mkdir(parents=True, exist_ok=True)
+    fabric.barrier()
+    method.finalize(fabric, model, checkpoint_dir, final_dir)
+    if fabric.global_rank == 0:
+        copy_config_files(checkpoint_dir, final_dir)
+        save_prompt_style(data.prompt_style, final_dir)
+    fabric.barrier()
+    fabric.print(f"Saved the fine-tuned model to {final_dir}")
+
+
+def make_optimizer(spec: str | dict, groups: list) -> torch.optim.Optimizer:
+    from litgpt.utils import instantiate_torch_optimizer
+
+    return instantiate_torch_optimizer(spec, groups)
+
+
+# -------------------------------------------------------------------------------------------------- fit
+def fit(
+    fabric, method, model, optimizer, handler, pld_handler, train_loader, val_loader, data, train, eval, dropbp,
+    out_dir, checkpoint_dir, accum, max_steps, progress, restored_rng,
+) -> None:
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    base_lr = base_lrs[0] / optimizer.param_groups[0].get("lr_scale", 1.0)
+    warmup = train.lr_warmup_steps or 0
+    allocate_at = int(dropbp.sensitivity_at * max_steps) if math.isfinite(max_steps) else None
+    needs_allocation = dropbp.rate > 0 and dropbp.allocation == "sensitivity" and pld_handler is None
+    # backward can be skipped only if nothing outside the gated branches trains (LoRA/adapter without head)
+    gated = {id(p) for g in handler.gates for p in g.branch_parameters()}
+    all_gated = all(id(p) in gated for p in model.parameters() if p.requires_grad)
+    metric = dropbp.sensitivity if dropbp.sensitivity != "auto" else ("gradnorm" if method.full else "grad")
+    probe = probe_batch(train_loader, dropbp.probe_batch_size or train.micro_batch_size, fabric)
+
+    train_iter = CycleIterator(train_loader)
+    for _ in range(progress["iter"]):  # resume: replay the data order up to where the saved run stopped
+        next(train_iter)
+    if restored_rng is not None:
+        set_rng_state(restored_rng)
+
+    bar = tqdm(total=max_steps if math.isfinite(max_steps) else None, initial=progress["step"],
+               disable=fabric.global_rank != 0, desc=f"{method.name} p={dropbp.rate}", dynamic_ncols=True)
+    window = {"loss": 0.0, "fw": 0.0, "bw": 0.0, "drop": 0.0, "n": 0}
+    step_t0 = time.perf_counter()
+    while progress["step"] < max_steps:
+        if train.epochs is not None and train_iter.epoch >= train.epochs:
+            break
+        batch = next(train_iter)
+        progress["iter"] += 1
+        is_accumulating = progress["iter"] % accum != 0
+        if pld_handler is not None:
+            pld_handler.sample(progress["step"])
+        if dropbp.rate > 0 or pld_handler is None:
+            handler.sample()
+
+        t0 = time.perf_counter()
+        with fabric.no_backward_sync(model, enabled=is_accumulating):
+            loss = micro_batch_loss(model, batch)
+            t1 = sync_time(fabric)
+            if not (handler.all_dropped and all_gated):
+                fabric.backward(loss / accum)
+            t2 = sync_time(fabric)
+        if not math.isfinite(loss.item()):
+            raise UsageError(f"loss is {loss.item()} at step {progress['step']} (iter {progress['iter']}): stopping;"
+                             " checkpoints saved so far are intact")
+        window["loss"] += loss.item()
+        window["fw"] += t1 - t0
+        window["bw"] += t2 - t1
+        window["drop"] += handler.realised_rate if pld_handler is None else pld_handler.skipped_fraction
+        window["n"] += 1
+        if is_accumulating:
+            continue
+
+        lr = lr_at(progress["step"], base_lr, warmup, max_steps, train.min_lr)
+        set_lr(optimizer, lr)
+        if train.max_norm is not None:
+            fabric.clip_gradients(model, optimizer, max_norm=train.max_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress["step"] += 1
+        step_time = time.perf_counter() - step_t0
+        step_t0 = time.perf_counter()
+        n = window["n"]
+        metrics = {
+            "loss": window["loss"] / n, "step": progress["step"], "iter": progress["iter"], "learning_rate": lr,
+            "step_time": step_time, "forward_time": window["fw"], "backward_time": window["bw"],
+            "drop_rate": window["drop"] / n, "epoch": train_iter.epoch,
+        }
+        window = dict.fromkeys(window, 0.0)
+        if progress["step"] % train.log_interval == 0:
+            fabric.log_dict(metrics, step=progress["step"])
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", fw=f"{metrics['forward_time']*1e3:.0f}ms",
+                        bw=f"{metrics['backward_time']*1e3:.0f}ms", drop=f"{metrics['drop_rate']:.2f}")
+        bar.update(1)
+
+        if needs_allocation and not handler.allocated and allocate_at is not None and progress["step"] >= allocate_at:
+            allocate(fabric, model, handler, probe, dropbp, metric, out_dir)
+            compensate_lr(optimizer, handler, enabled=dropbp.lr_compensation)
+        if progress["step"] % eval.interval == 0:
+            val_loss = validate(fabric, model, val_loader, eval.max_iters, pld_handler)
+            fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, step=progress["step"])
+            bar.write(f"step {progress['step']}: val loss {val_loss:.4f}")
+        if train.save_interval is not None and progress["step"] % train.save_interval == 0:
+            save_training_state(fabric, model, optimizer, handler, pld_handler, progress, out_dir)
+    bar.close()
+
+
+def micro_batch_loss(model, batch) -> torch.Tensor:
+    input_ids, targets = batch["input_ids"], batch["labels"]
+    logits = model(input_ids, lm_head_chunk_size=128)
+    logits[-1] = logits[-1][..., :-1, :]  # output n predicts token n+1
+    return chunked_cross_entropy(logits, targets[..., 1:])
+
+
+def sync_time(fabric) -> float:
+    if fabric.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def lr_at(step: int, base_lr: float, warmup: int, max_steps: float, min_lr: float) -> float:
+    """Linear warm-up then cosine decay to min_lr (litgpt's schedule shape)."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    if not math.isfinite(max_steps):
+        return base_lr
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def probe_batch(train_loader, size: int, fabric) -> dict:
+    """A fixed batch of training samples for the sensitivity pass (drawn apart from the training order, so the
+    data the run trains on is the same with or without the pass)."""
+    dataset = train_loader.dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(1234)).tolist()[:size]
+    batch = train_loader.collate_fn([dataset[i] for i in order])
+    return {k: v.to(fabric.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def allocate(fabric, model, handler, probe, dropbp, metric, out_dir) -> None:
+    t0 = time.perf_counter()
+    sensitivity = compute_sensitivity(
+        handler, model, lambda: micro_batch_loss(model, probe), metric=metric, backward=fabric.backward
+    )
+    rates = allocate_rates(
+        sensitivity.tolist(), handler.flops.tolist(), dropbp.rate, dropbp.step, dropbp.max_rate, dropbp.min_rate
+    )
+    handler.set_rates(rates)
+    handler.allocated = True
+    fabric.print(
+        f"Sensitivity pass ({metric}, {len(handler.gates)} branches, {time.perf_counter() - t0:.1f}s): rates"
+        f" re-allocated, FLOPs-weighted mean {handler.mean_rate:.3f} (target {dropbp.rate})"
+    )
+    if fabric.global_rank == 0:
+        report = {
+            "metric": metric, "target_rate": dropbp.rate, "mean_rate": handler.mean_rate,
+            "branches": [
+                {"layer": g.layer, "kind": g.kind, "flops": g.flops, "sensitivity": s, "rate": r}
+                for g, s, r in zip(handler.gates, sensitivity.tolist(), rates)
+            ],
+        }
+        atomic_write_text(out_dir / "dropbp_allocation.json", json.dumps(report, indent=2))
+        plot_allocation(report, out_dir / "dropbp_allocation.png")
+
+
+def plot_allocation(report: dict, path: Path) -> None:
+    """Sensitivity and drop rate per branch, like the paper's Figs. 6a and 8."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    for kind, color in (("attn", "tab:blue"), ("mlp", "tab:orange")):
+        rows = [b for b in report["branches"] if b["kind"] == kind]
+        ax1.bar([b["layer"] + (0.2 if kind == "mlp" else -0.2) for b in rows], [b["sensitivity"] for b in rows],
+                width=0.4, color=color, label=kind)
+        ax2.bar([b["layer"] + (0.2 if kind == "mlp" else -0.2) for b in rows], [b["rate"] for b in rows],
+                width=0.4, color=color, label=kind)
+    ax1.set_ylabel(f"sensitivity ({report['metric']})")
+    ax2.set_ylabel("drop rate")
+    ax2.set_xlabel("layer")
+    ax2.set_title(f"target {report['target_rate']}, FLOPs-weighted mean {report['mean_rate']:.3f}")
+    ax1.legend()
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".tmp.png"))
+    plt.close(fig)
+    os.replace(path.with_suffix(".tmp.png"), path)
+
+
+@torch.no_grad()
+def validate(fabric, model, val_loader, max_iters: int, pld_handler=None) -> float:
+    """Validation loss with every branch kept (DropBP never changes the forward; PLD is switched off)."""
+    model.eval()
+    if pld_handler is not None:
+        pld_handler.disable()
+    losses = []
+    for k, batch in enumerate(val_loader):
+        if k >= max_iters:
+            break
+        logits = model(batch["input_ids"])
+        losses.append(chunked_cross_entropy(logits[..., :-1, :], batch["labels"][..., 1:], chunk_size=0))
+    model.train()
+    val_loss = torch.stack(losses).mean()
+    return fabric.all_reduce(val_loss, reduce_op="mean").item()
+
+
+# ---------------------------------------------------------------------------------------- checkpointing
+def get_rng_state() -> dict:
+    import random
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_state(fabric, model, optimizer, handler, pld_handler, progress, out_dir) -> None:
+    """Everything `--resume` needs, written to a temporary name and renamed, so a kill never leaves a torn file."""
+    path = out_dir / f"step-{progress['step']:06d}" / "training_state.pth"
+    tmp = path.with_name(path.name + ".tmp")
+    if fabric.global_rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fabric.barrier()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    state = {
+        "model": model, "optimizer": optimizer, "progress": dict(progress), "dropbp": handler.state_dict(),
+        "pld": pld_handler.state_dict() if pld_handler is not None else None, "rng": get_rng_state(),
+    }
+    fabric.save(tmp, state, filter={"model": lambda name, _: name in trainable})
+    if fabric.global_rank == 0:
+        os.replace(tmp, path)
+    fabric.barrier()
+
+
+def find_resume_path(out_dir: Path, resume: bool | str | Path) -> Optional[Path]:
+    if resume is False or resume in ("false", "False", None):
+        return None
+    if resume is True or resume == "auto":
+        saved = sorted(out_dir.glob("step-*/training_state.pth"))
+        return saved[-1] if saved else None
+    path = Path(resume).expanduser().resolve()
+    if path.is_dir():
+        path = path / "training_state.pth"
+    if not path.is_file():
+        raise UsageError(f"--resume {resume}: no training_state.pth there")
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_weights(fabric, model, path: Path, keep: Callable[[str], bool] = lambda name: True) -> None:
+    """Write a state dict (keys filtered by ``keep``) atomically, as litgpt's tools expect: a plain state dict."""
+    tmp = path.with_name(path.name + ".tmp")
+    fabric.save(tmp, {"model": model}, filter={"model": lambda name, _: keep(name)})
+    if fabric.global_rank == 0:
+        state = torch.load(tmp, weights_only=True)["model"]
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    fabric.barrier()
+
+
+def dataclass_summary(*objs) -> dict:
+    return {type(o).__name__: dataclasses.asdict(o) for o in objs}

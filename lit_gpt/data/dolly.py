@@ -1,0 +1,70 @@
+"""Databricks Dolly 15k, which litgpt 0.5.13 no longer ships."""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from litgpt.data import Alpaca, SFTDataset
+from torch.utils.data import random_split
+
+_URL = "https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/main/databricks-dolly-15k.jsonl"
+
+
+@dataclass
+class Dolly(Alpaca):
+    """Dolly data module for supervised finetuning: Alpaca's interface, with Dolly's fields mapped to Alpaca's."""
+
+    val_split_fraction: float = 0.1
+    """The fraction of the dataset to use for the validation dataset. The rest is used for training."""
+    download_dir: Path = Path("./data/dolly")
+    """The directory in which the downloaded dataset gets saved."""
+    file_url: str = field(repr=False, default=_URL)
+    """The URL from where to download the dataset."""
+    file_name: str = field(repr=False, default="databricks-dolly-15k.jsonl")
+    """The name of the dataset file to download."""
+
+    def setup(self, stage: str = "") -> None:
+        data = load_dolly_jsonl(self.download_dir / self.file_name)
+
+        # Partition the dataset into train and test
+        train_data, test_data = random_split(
+            data,
+            [1.0 - self.val_split_fraction, self.val_split_fraction],
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+        self.train_dataset = self.sft_dataset(list(train_data))
+        self.test_dataset = self.sft_dataset(list(test_data))
+
+    def sft_dataset(self, data: list[dict[str, str]]) -> SFTDataset:
+        return SFTDataset(
+            data=data,
+            tokenizer=self.tokenizer,
+            prompt_style=self.prompt_style,
+            max_seq_length=self.max_seq_length,
+            mask_prompt=self.mask_prompt,
+            ignore_index=self.ignore_index,
+        )
+
+
+def load_dolly_jsonl(path: Path) -> list[dict[str, str]]:
+    """Reads Dolly's JSONL records as Alpaca examples: `instruction`, `context`, `response` become
+    `instruction`, `input`, `output`."""
+    examples = []
+    with open(path, encoding="utf-8") as file:
+        for line_number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {line_number}: not valid JSON ({error.msg}).") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}, line {line_number}: expected a JSON object, got {type(record).__name__}.")
+            bad = [key for key in ("instruction", "context", "response") if not isinstance(record.get(key), str)]
+            if bad:
+                raise ValueError(f"{path}, line {line_number}: missing or non-string fields {bad}.")
+            examples.append(
+                {"instruction": record["instruction"], "input": record["context"], "output": record["response"]}
+            )
+    return examples

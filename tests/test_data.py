@@ -1,0 +1,158 @@
+import functools
+import json
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+from litgpt.tokenizer import Tokenizer
+
+import lit_gpt.data
+from lit_gpt.data import Builtin, Dolly
+from lit_gpt.data.builtin import generate_examples, split_examples
+from lit_gpt.tiny_model import ensure_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return Tokenizer(ensure_tiny_checkpoint(tmp_path_factory.mktemp("checkpoints") / "dropbp-tiny-llama"))
+
+
+def question(example: dict) -> tuple[str, str]:
+    return example["instruction"], example["input"]
+
+
+def test_exports():
+    assert set(lit_gpt.data.__all__) == {"Alpaca", "Builtin", "DataModule", "Dolly", "JSON"}
+    assert issubclass(Builtin, lit_gpt.data.DataModule) and issubclass(Dolly, lit_gpt.data.DataModule)
+
+
+def test_builtin_examples_are_deterministic_and_correct():
+    examples = generate_examples(600, seed=3)
+    assert examples == generate_examples(600, seed=3)
+    assert examples != generate_examples(600, seed=4)
+
+    answer = {
+        "Reverse the letters of the word.": lambda text: text[::-1],
+        "Add the two numbers.": lambda text: str(sum(int(n) for n in text.split(" + "))),
+        "Write the word in capital letters.": str.upper,
+        "Sort the letters in alphabetical order.": lambda text: " ".join(sorted(text.split())),
+        "How many letters are in the word?": lambda text: str(len(text)),
+        "Which letter comes next in the alphabet?": lambda text: chr(ord(text) + 1),
+    }
+    assert {example["instruction"] for example in examples} == set(answer)
+    for example in examples:
+        assert set(example) == {"instruction", "input", "output"}
+        assert example["output"] == answer[example["instruction"]](example["input"])
+
+
+def test_builtin_splits_do_not_overlap():
+    examples = generate_examples(2000, seed=42)
+    train, val, test = split_examples(examples, val_fraction=0.05, test_fraction=0.1)
+    assert len(train) + len(val) + len(test) == len(examples)
+    assert len(test) > 100 and len(val) > 30 and len(train) > 1400
+    train_questions, val_questions, test_questions = ({question(e) for e in split} for split in (train, val, test))
+    assert not train_questions & val_questions and not train_questions & test_questions
+    assert not val_questions & test_questions
+
+    # a question is held out whatever data set it was drawn in
+    _, _, other_test = split_examples(generate_examples(2000, seed=7))
+    assert not {question(e) for e in other_test} & train_questions
+
+
+def test_builtin_dataloaders(tokenizer):
+    data = Builtin(num_samples=300, mask_prompt=True)
+    data.connect(tokenizer, batch_size=4, max_seq_length=128)
+    data.prepare_data()
+    data.setup()
+
+    batch = next(iter(data.train_dataloader()))
+    assert batch["input_ids"].shape == batch["labels"].shape
+    assert batch["input_ids"].shape[0] == 4 and batch["input_ids"].shape[1] <= 128
+    assert batch["input_ids"].dtype == torch.int64
+    assert (batch["labels"][:, :10] == data.ignore_index).all()  # the prompt is masked
+    assert (batch["labels"] == tokenizer.eos_id).sum() == 4  # every answer ends with eos
+
+    assert len(data.val_dataloader()) > 0
+    val_questions = {question(e) for e in data.val_dataset.data}
+    test_questions = {question(e) for e in data.test_examples()}
+    train_questions = {question(e) for e in data.train_dataset.data}
+    assert test_questions and not test_questions & (train_questions | val_questions)
+    assert len(data.train_dataset) + len(data.val_dataset) + len(data.test_examples()) == 300
+
+
+def write_dolly(path: Path, n: int) -> None:
+    records = [
+        {"instruction": f"Question {i}?", "context": f"Context {i}." if i % 2 else "", "response": f"Answer {i}."}
+        for i in range(n)
+    ]
+    for record in records:
+        record["category"] = "open_qa"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+
+
+def test_dolly_reads_local_file(tmp_path, tokenizer):
+    write_dolly(tmp_path / "databricks-dolly-15k.jsonl", 50)
+    data = Dolly(download_dir=tmp_path, file_url="http://127.0.0.1:9/unreachable", num_workers=0)
+    data.connect(tokenizer, batch_size=2, max_seq_length=64)
+    data.prepare_data()  # the file is there: no download
+    data.setup()
+
+    assert (len(data.train_dataset), len(data.test_dataset)) == (45, 5)
+    examples = data.train_dataset.data + data.test_dataset.data
+    assert sorted(example["output"] for example in examples) == sorted(f"Answer {i}." for i in range(50))
+    example = next(example for example in examples if example["output"] == "Answer 3.")
+    assert example == {"instruction": "Question 3?", "input": "Context 3.", "output": "Answer 3."}
+
+    batch = next(iter(data.train_dataloader()))
+    assert batch["input_ids"].shape == batch["labels"].shape and batch["input_ids"].shape[0] == 2
+    assert len(data.val_dataloader()) == 3
+
+    again = Dolly(download_dir=tmp_path)
+    again.connect(tokenizer)
+    again.setup()
+    assert again.test_dataset.data == data.test_dataset.data  # the split is seeded
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_dolly_downloads_when_missing(tmp_path, monkeypatch):
+    served = tmp_path / "served"
+    served.mkdir()
+    write_dolly(served / "dolly.jsonl", 20)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(served)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        data = Dolly(download_dir=tmp_path / "dolly", file_url=f"http://127.0.0.1:{server.server_port}/dolly.jsonl")
+        data.prepare_data()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+    assert (tmp_path / "dolly" / "databricks-dolly-15k.jsonl").read_text() == (served / "dolly.jsonl").read_text()
+    data.setup()
+    assert (len(data.train_dataset), len(data.test_dataset)) == (18, 2)
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ('{"instruction": "Hi", "context": ""', "not valid JSON"),
+        ('["Hi", "", "Hello"]', "expected a JSON object"),
+        ('{"instruction": "Hi", "response": "Hello"}', "missing or non-string fields \\['context'\\]"),
+        ('{"instruction": "Hi", "context": "", "response": 3}', "missing or non-string fields \\['response'\\]"),
+    ],
+)
+def test_dolly_malformed_file(tmp_path, line, problem):
+    good = json.dumps({"instruction": "Hi", "context": "", "response": "Hello"})
+    path = tmp_path / "databricks-dolly-15k.jsonl"
+    path.write_text(f"{good}\n\n{line}\n{good}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=f"databricks-dolly-15k.jsonl, line 3: {problem}"):
+        Dolly(download_dir=tmp_path).setup()
