@@ -17,7 +17,7 @@ from lit_gpt.adapter_v2 import GPT, Config, mark_only_adapter_v2_as_trainable
 def finalize(fabric, model, checkpoint_dir: Path, final_dir: Path) -> None:
     """Like litgpt: the adapter weights alone, used with the base model, e.g.
     ``python -m litgpt.generate.adapter_v2 --checkpoint_dir <base> --adapter_path final/lit_model.pth.adapter_v2``."""
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    trainable = trainer.trainable_names(model)
     trainer.save_weights(fabric, model, final_dir / "lit_model.pth.adapter_v2", keep=lambda name: name in trainable)
 
 

@@ -34,7 +34,8 @@ def finalize(fabric, model, checkpoint_dir: Path, final_dir: Path) -> None:
         lora = torch.load(lora_path, map_location="cpu", weights_only=True)
         merged.load_state_dict({**base.get("model", base), **lora}, strict=False, assign=True)
         merge_lora_weights(merged)
-        state = {k: v for k, v in merged.state_dict().items() if "lora_" not in k}
+        # back to plain litgpt names: LoRALinear keeps the base weight under `.linear`
+        state = {k.replace("linear.", ""): v for k, v in merged.state_dict().items() if "lora_" not in k}
         tmp = final_dir / "lit_model.pth.tmp"
         torch.save(state, tmp)
         tmp.replace(final_dir / "lit_model.pth")

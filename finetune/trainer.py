@@ -29,6 +29,7 @@ from tqdm import tqdm
 from dropbp import DropBPHandler, PLDHandler, allocate_rates, check_rate, compute_sensitivity
 from dropbp.lr import compensate_lr, param_groups, set_lr
 from finetune.args import DropBPArgs, PLDArgs
+import lit_gpt.data  # noqa: F401 (registers Builtin and Dolly for --data)
 from lit_gpt.data import Builtin
 from lit_gpt.gated import set_gate_flops
 from lit_gpt.tiny_model import TINY_MODEL_NOTE, ensure_tiny_checkpoint
@@ -184,7 +185,7 @@ def main(
     data.connect(tokenizer=tokenizer, batch_size=train.micro_batch_size, max_seq_length=train.max_seq_length)
     with fabric.rank_zero_first():
         data.prepare_data()
-    data.setup()
+    setup_data(data)
     train_loader, val_loader = fabric.setup_dataloaders(data.train_dataloader(), data.val_dataloader())
     accum = train.global_batch_size // (train.micro_batch_size * fabric.world_size)
     steps_per_epoch = max(1, len(train_loader) // accum)
@@ -215,6 +216,7 @@ def main(
     optimizer = make_optimizer(optimizer_spec, param_groups(handler, trainable))
     optimizer = fabric.setup_optimizers(optimizer)
     compensate_lr(optimizer, handler, enabled=dropbp.lr_compensation)
+    base_lr = optimizer.param_groups[0]["lr"]  # the schedule's peak; read before a resumed state overwrites it
 
     progress = {"step": 0, "iter": 0, "best_val": None}
     resume_path = find_resume_path(out_dir, resume)
@@ -231,7 +233,7 @@ def main(
         restored_rng = None
 
     fit(fabric, method, model, optimizer, handler, pld_handler, train_loader, val_loader, data, train, eval,
-        dropbp, out_dir, checkpoint_dir, accum, max_steps, progress, restored_rng)
+        dropbp, out_dir, accum, max_steps, base_lr, progress, restored_rng)
 
     if eval.final_validation:
         val_loss = validate(fabric, model, val_loader, len(val_loader), pld_handler)
@@ -249,6 +251,24 @@ def main(
     fabric.print(f"Saved the fine-tuned model to {final_dir}")
 
 
+def setup_data(data: DataModule) -> None:
+    """``data.setup()``, with a malformed file reported as one clear error before training starts, not as a
+    traceback from a dataloader half-way through the run."""
+    source = getattr(data, "json_path", None) or type(data).__name__
+    try:
+        data.setup()
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{source}: not valid JSON ({e})") from None
+    for split in ("train_dataset", "val_dataset", "test_dataset"):
+        records = getattr(getattr(data, split, None), "data", None)
+        for i, record in enumerate(records or []):
+            if not isinstance(record, dict):
+                raise UsageError(f"{source}: record {i} of the {split[:-8]} split is not a JSON object")
+            missing = [f for f in ("instruction", "output") if not isinstance(record.get(f), str)]
+            if missing:
+                raise UsageError(f"{source}: record {i} of the {split[:-8]} split lacks field(s) {', '.join(missing)}")
+
+
 def make_optimizer(spec: str | dict, groups: list) -> torch.optim.Optimizer:
     from litgpt.utils import instantiate_torch_optimizer
 
@@ -258,10 +278,8 @@ def make_optimizer(spec: str | dict, groups: list) -> torch.optim.Optimizer:
 # -------------------------------------------------------------------------------------------------- fit
 def fit(
     fabric, method, model, optimizer, handler, pld_handler, train_loader, val_loader, data, train, eval, dropbp,
-    out_dir, checkpoint_dir, accum, max_steps, progress, restored_rng,
+    out_dir, accum, max_steps, base_lr, progress, restored_rng,
 ) -> None:
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    base_lr = base_lrs[0] / optimizer.param_groups[0].get("lr_scale", 1.0)
     warmup = train.lr_warmup_steps or 0
     allocate_at = int(dropbp.sensitivity_at * max_steps) if math.isfinite(max_steps) else None
     needs_allocation = dropbp.rate > 0 and dropbp.allocation == "sensitivity" and pld_handler is None
@@ -470,7 +488,7 @@ def save_training_state(fabric, model, optimizer, handler, pld_handler, progress
     if fabric.global_rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
     fabric.barrier()
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    trainable = trainable_names(model)
     state = {
         "model": model, "optimizer": optimizer, "progress": dict(progress), "dropbp": handler.state_dict(),
         "pld": pld_handler.state_dict() if pld_handler is not None else None, "rng": get_rng_state(),
@@ -493,6 +511,11 @@ def find_resume_path(out_dir: Path, resume: bool | str | Path) -> Optional[Path]
     if not path.is_file():
         raise UsageError(f"--resume {resume}: no training_state.pth there")
     return path
+
+
+def trainable_names(model) -> set:
+    """Names of the trainable parameters as they appear in the saved state dict (without Fabric's wrapper)."""
+    return {n for n, p in getattr(model, "module", model).named_parameters() if p.requires_grad}
 
 
 def atomic_write_text(path: Path, text: str) -> None:
