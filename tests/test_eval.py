@@ -17,6 +17,7 @@ import lm_eval
 import pytest
 import torch
 import yaml
+from litgpt.args import EvalArgs, TrainArgs
 from litgpt.config import Config
 from litgpt.model import GPT as LitGPT
 from litgpt.tokenizer import Tokenizer
@@ -24,8 +25,11 @@ from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
 
 from eval import evaluate, make_table
+from eval.builtin_task import write_builtin_tasks
 from eval.lm_eval_harness import LitGPTLM
 from eval.presets import markdown_table, table_row
+from finetune import lora
+from lit_gpt.data.builtin import Builtin
 from lit_gpt.tiny_model import ensure_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -253,7 +257,7 @@ def test_precision_bf16_and_empty_context(checkpoint_dir, reference):
     lm = LitGPTLM.from_checkpoint(checkpoint_dir, device="cpu", precision="bf16-true")
     assert next(lm.model.parameters()).dtype == torch.bfloat16
     request = Instance("loglikelihood", {}, ("", "The sky is blue."), 0)
-    (logprob, _), = lm.loglikelihood([request], disable_tqdm=True)
+    [(logprob, _)] = lm.loglikelihood([request], disable_tqdm=True)
     assert logprob == pytest.approx(continuation_logprob(reference, "", "The sky is blue."), rel=0.02)
 
 
@@ -275,11 +279,12 @@ def test_cli_writes_results_and_table_row(checkpoint_dir, task_dir, tmp_path, ba
     assert sorted(results["results"]) == ["tiny_gen", "tiny_mc", "tiny_ppl"]
 
 
-def make_lora_only(checkpoint_dir: Path, target: Path) -> Path:
+def copy_checkpoint(checkpoint_dir: Path, target: Path, state_dict: dict, lora_only: bool = False) -> Path:
+    """The checkpoint's config and tokenizer, with ``state_dict`` as lit_model.pth (or as LoRA weights only)."""
     target.mkdir()
     for name in ("model_config.yaml", "tokenizer.json", "tokenizer_config.json"):
         (target / name).write_bytes((checkpoint_dir / name).read_bytes())
-    torch.save({}, target / "lit_model.pth.lora")
+    torch.save(state_dict, target / ("lit_model.pth.lora" if lora_only else "lit_model.pth"))
     return target
 
 
@@ -289,13 +294,13 @@ def make_lora_only(checkpoint_dir: Path, target: Path) -> Path:
         ("missing_dir", "checkpoint directory not found"),
         ("missing_files", "missing lit_model.pth, tokenizer.json or tokenizer.model"),
         ("lora_only", "LoRA weights only"),
-        ("unknown_task", "unknown lm-eval task: piqaa (did you mean piqa"),
+        ("unmerged", "does not fit model_config.yaml: 2 weights missing and 2 unexpected"),
         ("missing_yaml", "task file not found: nope/qa.yaml"),
         ("preset_mixed", "run a preset on its own"),
         ("no_gpu", "PyTorch sees no GPU"),
     ],
 )
-def test_bad_input_is_one_line_on_stderr(case, message, checkpoint_dir, tmp_path, capsys):
+def test_bad_input_is_one_line_on_stderr(case, message, checkpoint_dir, task_dir, tmp_path, capsys):
     if case == "no_gpu" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     args = {"checkpoint_dir": checkpoint_dir, "tasks": "commonsense"}
@@ -305,9 +310,13 @@ def test_bad_input_is_one_line_on_stderr(case, message, checkpoint_dir, tmp_path
         args["checkpoint_dir"] = tmp_path
         (tmp_path / "model_config.yaml").write_text("{}")
     elif case == "lora_only":
-        args["checkpoint_dir"] = make_lora_only(checkpoint_dir, tmp_path / "lora")
-    elif case == "unknown_task":
-        args["tasks"] = "piqaa"
+        args["checkpoint_dir"] = copy_checkpoint(checkpoint_dir, tmp_path / "lora", {}, lora_only=True)
+    elif case == "unmerged":  # a LoRA model's own state dict: its linear layers' weights sit one level deeper
+        state_dict = torch.load(checkpoint_dir / "lit_model.pth")
+        state_dict["lm_head.linear.weight"] = state_dict.pop("lm_head.weight")
+        state_dict["transformer.h.0.attn.qkv.linear.weight"] = state_dict.pop("transformer.h.0.attn.qkv.weight")
+        args["checkpoint_dir"] = copy_checkpoint(checkpoint_dir, tmp_path / "unmerged", state_dict)
+        args["tasks"] = task_dir / "tiny_mc.yaml"
     elif case == "missing_yaml":
         args["tasks"] = "nope/qa.yaml"
     elif case == "preset_mixed":
@@ -323,13 +332,14 @@ def test_bad_input_is_one_line_on_stderr(case, message, checkpoint_dir, tmp_path
         assert "litgpt merge_lora" in stderr and "final/" in stderr
 
 
-def test_script_reports_bad_input_without_traceback(tmp_path):
+def test_script_reports_an_unknown_task_without_traceback(checkpoint_dir):
     result = subprocess.run(
-        [sys.executable, "eval/evaluate.py", "--checkpoint_dir", str(tmp_path / "nowhere"), "--tasks", "mmlu"],
+        [sys.executable, "eval/evaluate.py", "--checkpoint_dir", str(checkpoint_dir), "--tasks", "piqaa"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 1
-    assert result.stderr == f"error: checkpoint directory not found: {tmp_path / 'nowhere'}\n"
+    assert result.stderr.startswith("error: unknown lm-eval task: piqaa (did you mean piqa")
+    assert result.stderr.count("\n") == 1
 
 
 def fake_results(task_scores: dict[str, dict[str, float]], shots: int, groups: dict | None = None) -> dict:
@@ -417,3 +427,23 @@ def test_make_table_bad_path(tmp_path, capsys):
 def test_markdown_table_marks_missing_columns():
     table = markdown_table({"a": {"x (0-shot acc)": 12.345}, "b": {"y (0-shot acc)": 1.0}})
     assert table.splitlines()[2:] == ["| a | 12.35 | - |", "| b | - | 1.00 |"]
+
+
+def test_fine_tuned_builtin_model_beats_its_untrained_start(checkpoint_dir, tmp_path):
+    """LoRA fine-tuning on the built-in data, then the held-out questions: the true answers get likelier."""
+    lora.setup(
+        checkpoint_dir=checkpoint_dir,
+        out_dir=tmp_path / "lora",
+        data=Builtin(),
+        train=TrainArgs(max_steps=30, global_batch_size=8, micro_batch_size=8, lr_warmup_steps=2, save_interval=None),
+        eval=EvalArgs(interval=1000, max_iters=1, initial_validation=False, final_validation=False),
+        optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}},
+    )
+    task_dir = tmp_path / "builtin_tasks"
+    write_builtin_tasks(task_dir, max_examples=40)
+    perplexity = {}
+    for run, run_dir in {"untrained": checkpoint_dir, "fine-tuned": tmp_path / "lora" / "final"}.items():
+        results = evaluate.main(run_dir, str(task_dir), batch_size=16, device="cpu", out_dir=tmp_path / run)
+        perplexity[run] = results["results"]["builtin_qa_loglik"]["perplexity,none"]
+        assert "exact_match,none" in results["results"]["builtin_qa"]
+    assert perplexity["fine-tuned"] < perplexity["untrained"] / 2
