@@ -18,9 +18,11 @@ from typing import Callable, Optional
 import lightning as L
 import torch
 from jsonargparse import CLI
+from lightning.fabric.strategies import DDPStrategy, FSDPStrategy
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.config import Config
 from litgpt.data import DataModule
+from litgpt.model import Block
 from litgpt.prompts import save_prompt_style
 from litgpt.tokenizer import Tokenizer
 from litgpt.utils import CycleIterator, chunked_cross_entropy, choose_logger, copy_config_files, num_parameters
@@ -150,13 +152,25 @@ def run(
             f"--train.max_seq_length {train.max_seq_length} is above the model's block size {config.block_size}"
         )
     logger = choose_logger(logger_name, out_dir, name=f"finetune-{method.name}-{config.name}", log_interval=1)
-    strategy = "auto"
-    if devices * num_nodes > 1:
-        strategy = "fsdp" if method.full else "ddp"
+    strategy = choose_strategy(method, devices * num_nodes)
     fabric = L.Fabric(
         devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, loggers=logger, plugins=plugins
     )
     fabric.launch(main, method, config, checkpoint_dir, out_dir, data, train, eval, dropbp, pld, optimizer, seed, resume)
+
+
+def choose_strategy(method: Method, world_size: int):
+    """Full fine-tuning on GPUs: FSDP, as litgpt (Lightning has no FSDP on CPU). Otherwise DDP, told to look for
+    unused parameters: those of the dropped branches get no gradient. Every rank drops the same branches, so DDP
+    leaves their ``.grad`` at None on every rank rather than averaging in zeros."""
+    if world_size == 1:
+        return "auto"
+    if method.full and torch.cuda.is_available():
+        return FSDPStrategy(
+            auto_wrap_policy={Block}, activation_checkpointing_policy={Block}, state_dict_type="full",
+            limit_all_gathers=True, cpu_offload=False,
+        )
+    return DDPStrategy(find_unused_parameters=True)
 
 
 def _default_real_data() -> DataModule:
@@ -181,6 +195,7 @@ def main(
     seed: int,
     resume: bool | str | Path,
 ) -> None:
+    fabric.seed_everything(seed)  # before the dataloaders: Fabric's DistributedSampler takes its shuffling seed from it
     tokenizer = Tokenizer(checkpoint_dir)
     data.connect(tokenizer=tokenizer, batch_size=train.micro_batch_size, max_seq_length=train.max_seq_length)
     with fabric.rank_zero_first():
@@ -191,11 +206,15 @@ def main(
     steps_per_epoch = max(1, len(train_loader) // accum)
     max_steps = min(train.max_steps or math.inf, (train.epochs or math.inf) * steps_per_epoch)
 
-    fabric.seed_everything(seed)
-    with fabric.init_module(empty_init=fabric.world_size > 1):
+    # Skipping initialisation is only safe when the checkpoint holds every parameter (not LoRA or adapter weights).
+    # Under FSDP it means the meta device: the weights are then loaded into the sharded model.
+    empty_init = fabric.world_size > 1 and method.full
+    load_after_setup = empty_init and isinstance(fabric.strategy, FSDPStrategy)
+    with fabric.init_module(empty_init=empty_init):
         model = method.gpt_class(config)
-    state = torch.load(checkpoint_dir / "lit_model.pth", map_location="cpu", mmap=True, weights_only=True)
-    model.load_state_dict(state.get("model", state), strict=False)
+    if not load_after_setup:
+        state = torch.load(checkpoint_dir / "lit_model.pth", map_location="cpu", mmap=True, weights_only=True)
+        model.load_state_dict(state.get("model", state), strict=False)
     method.mark_trainable(model)
     if method.prepare is not None:
         model = method.prepare(model, fabric)
@@ -212,6 +231,8 @@ def main(
     )
 
     model = fabric.setup_module(model)
+    if load_after_setup:
+        fabric.load_raw(checkpoint_dir / "lit_model.pth", model, strict=False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(optimizer_spec, param_groups(handler, trainable))
     optimizer = fabric.setup_optimizers(optimizer)
@@ -285,7 +306,9 @@ def fit(
     needs_allocation = dropbp.rate > 0 and dropbp.allocation == "sensitivity" and pld_handler is None
     # backward can be skipped only if nothing outside the gated branches trains (LoRA/adapter without head)
     gated = {id(p) for g in handler.gates for p in g.branch_parameters()}
-    all_gated = all(id(p) in gated for p in model.parameters() if p.requires_grad)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    all_gated = all(id(p) in gated for p in trainable)
+    sharded = isinstance(fabric.strategy, FSDPStrategy)
     metric = dropbp.sensitivity if dropbp.sensitivity != "auto" else ("gradnorm" if method.full else "grad")
     probe = probe_batch(train_loader, dropbp.probe_batch_size or train.micro_batch_size, fabric)
 
@@ -298,6 +321,7 @@ def fit(
     bar = tqdm(total=max_steps if math.isfinite(max_steps) else None, initial=progress["step"],
                disable=fabric.global_rank != 0, desc=f"{method.name} p={dropbp.rate}", dynamic_ncols=True)
     window = {"loss": 0.0, "fw": 0.0, "bw": 0.0, "drop": 0.0, "n": 0}
+    kept = torch.zeros(len(handler.gates), dtype=torch.bool)  # branches back-propagated in this optimizer step
     step_t0 = time.perf_counter()
     while progress["step"] < max_steps:
         if train.epochs is not None and train_iter.epoch >= train.epochs:
@@ -309,14 +333,18 @@ def fit(
             pld_handler.sample(progress["step"])
         if dropbp.rate > 0 or pld_handler is None:
             handler.sample()
+        kept |= torch.tensor([not (g.dropped or g.skipped) for g in handler.gates])
+        skip_backward = handler.all_dropped and all_gated
 
         t0 = time.perf_counter()
         with fabric.no_backward_sync(model, enabled=is_accumulating):
             loss = micro_batch_loss(model, batch)
             t1 = sync_time(fabric)
-            if not (handler.all_dropped and all_gated):
+            if not skip_backward:
                 fabric.backward(loss / accum)
             t2 = sync_time(fabric)
+        if skip_backward and not is_accumulating and fabric.world_size > 1:
+            average_gradients(fabric, trainable)  # DDP averages inside backward, which did not run (LoRA, adapter)
         if not math.isfinite(loss.item()):
             raise UsageError(f"loss is {loss.item()} at step {progress['step']} (iter {progress['iter']}): stopping;"
                              " checkpoints saved so far are intact")
@@ -332,11 +360,13 @@ def fit(
         set_lr(optimizer, lr)
         if train.max_norm is not None:
             fabric.clip_gradients(model, optimizer, max_norm=train.max_norm)
+        if sharded:
+            clear_dropped_gradients(handler, kept)
+        kept[:] = False
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         progress["step"] += 1
         step_time = time.perf_counter() - step_t0
-        step_t0 = time.perf_counter()
         n = window["n"]
         metrics = {
             "loss": window["loss"] / n, "step": progress["step"], "iter": progress["iter"], "learning_rate": lr,
@@ -351,15 +381,38 @@ def fit(
         bar.update(1)
 
         if needs_allocation and not handler.allocated and allocate_at is not None and progress["step"] >= allocate_at:
+            t_alloc = time.perf_counter()
             allocate(fabric, model, handler, probe, dropbp, metric, out_dir)
             compensate_lr(optimizer, handler, enabled=dropbp.lr_compensation)
+            fabric.log_dict({"sensitivity_time": time.perf_counter() - t_alloc}, step=progress["step"])
         if progress["step"] % eval.interval == 0:
             val_loss = validate(fabric, model, val_loader, eval.max_iters, pld_handler)
             fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, step=progress["step"])
             bar.write(f"step {progress['step']}: val loss {val_loss:.4f}")
         if train.save_interval is not None and progress["step"] % train.save_interval == 0:
             save_training_state(fabric, model, optimizer, handler, pld_handler, progress, out_dir)
+        step_t0 = time.perf_counter()  # validation and saving are not training time
     bar.close()
+
+
+def average_gradients(fabric, params) -> None:
+    """Average the accumulated gradients over ranks. Every rank dropped the same branches, so the same parameters
+    have a gradient on every rank, and the collectives match."""
+    for p in params:
+        if p.grad is not None:
+            p.grad = fabric.all_reduce(p.grad, reduce_op="mean")
+
+
+def clear_dropped_gradients(handler, kept: torch.Tensor) -> None:
+    """FSDP gives every parameter of a unit that took part in backward a gradient, zeros for a branch dropped in
+    every micro-batch of the step. Set those to None, as on one device or under DDP, so the optimizer leaves them
+    (weight decay, momentum, Adam state) alone."""
+    live = {id(p) for gate, k in zip(handler.gates, kept.tolist()) if k for p in gate.branch_parameters()}
+    for gate, k in zip(handler.gates, kept.tolist()):
+        if not k:
+            for p in gate.branch_parameters():
+                if id(p) not in live:
+                    p.grad = None
 
 
 def micro_batch_loss(model, batch) -> torch.Tensor:
@@ -399,9 +452,15 @@ def allocate(fabric, model, handler, probe, dropbp, metric, out_dir) -> None:
     sensitivity = compute_sensitivity(
         handler, model, lambda: micro_batch_loss(model, probe), metric=metric, backward=fabric.backward
     )
+    # Every rank probes the same batch. DDP averages the probe gradients, so the sensitivities already agree; under
+    # FSDP each rank holds a shard of every gradient, and the shards' parts add up ("gradnorm" then takes the norm
+    # of each shard of a tensor rather than of the whole tensor).
+    if isinstance(fabric.strategy, FSDPStrategy):
+        sensitivity = fabric.all_reduce(sensitivity, reduce_op="sum").cpu()
     rates = allocate_rates(
         sensitivity.tolist(), handler.flops.tolist(), dropbp.rate, dropbp.step, dropbp.max_rate, dropbp.min_rate
     )
+    rates = fabric.broadcast(rates, src=0)  # one allocation everywhere, even if rounding split a tie differently
     handler.set_rates(rates)
     handler.allocated = True
     fabric.print(
