@@ -41,7 +41,7 @@ def setup(
         checkpoint_dir: litgpt checkpoint to fine-tune (default: the built-in tiny model and data).
         out_dir: where logs, checkpoints and ``final/`` go.
         precision: "32-true", "bf16-true", "bf16-mixed", ... (default: bf16-true on GPU, 32-true on CPU).
-        devices: devices per node (several: FSDP).
+        devices: devices per node (several: FSDP on GPUs, DDP on a CPU).
         num_nodes: number of nodes.
         data: Alpaca, Dolly, JSON or Builtin (default: Builtin with the built-in model, else Alpaca).
         train: training arguments, as litgpt's.

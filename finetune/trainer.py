@@ -74,6 +74,8 @@ def cli(setup: Callable) -> None:
     try:
         CLI(setup)
     except (UsageError, ValueError, FileNotFoundError) as e:
+        for bar in list(tqdm._instances):  # an open progress bar would be drawn again at exit, after the message
+            bar.close()
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
 
@@ -345,10 +347,14 @@ def fit(
             t2 = sync_time(fabric)
         if skip_backward and not is_accumulating and fabric.world_size > 1:
             average_gradients(fabric, trainable)  # DDP averages inside backward, which did not run (LoRA, adapter)
-        if not math.isfinite(loss.item()):
-            raise UsageError(f"loss is {loss.item()} at step {progress['step']} (iter {progress['iter']}): stopping;"
-                             " checkpoints saved so far are intact")
-        window["loss"] += loss.item()
+        loss_value = loss.item()
+        diverged = not math.isfinite(loss_value)
+        if fabric.world_size > 1:  # stop every rank together: the others would wait forever in the next collective
+            diverged = bool(fabric.all_reduce(torch.tensor(float(diverged)), reduce_op="max").item())
+        if diverged:
+            raise UsageError(f"non-finite loss in step {progress['step'] + 1} (micro-batch {progress['iter']}, loss"
+                             f" {loss_value} here): stopping; the checkpoints saved so far are intact")
+        window["loss"] += loss_value
         window["fw"] += t1 - t0
         window["bw"] += t2 - t1
         window["drop"] += handler.realised_rate if pld_handler is None else pld_handler.skipped_fraction
@@ -382,7 +388,7 @@ def fit(
 
         if needs_allocation and not handler.allocated and allocate_at is not None and progress["step"] >= allocate_at:
             t_alloc = time.perf_counter()
-            allocate(fabric, model, handler, probe, dropbp, metric, out_dir)
+            allocate(fabric, model, handler, probe, dropbp, metric, out_dir, progress["step"])
             compensate_lr(optimizer, handler, enabled=dropbp.lr_compensation)
             fabric.log_dict({"sensitivity_time": time.perf_counter() - t_alloc}, step=progress["step"])
         if progress["step"] % eval.interval == 0:
@@ -447,7 +453,7 @@ def probe_batch(train_loader, size: int, fabric) -> dict:
     return {k: v.to(fabric.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def allocate(fabric, model, handler, probe, dropbp, metric, out_dir) -> None:
+def allocate(fabric, model, handler, probe, dropbp, metric, out_dir, step: int) -> None:
     t0 = time.perf_counter()
     sensitivity = compute_sensitivity(
         handler, model, lambda: micro_batch_loss(model, probe), metric=metric, backward=fabric.backward
@@ -457,6 +463,9 @@ def allocate(fabric, model, handler, probe, dropbp, metric, out_dir) -> None:
     # of each shard of a tensor rather than of the whole tensor).
     if isinstance(fabric.strategy, FSDPStrategy):
         sensitivity = fabric.all_reduce(sensitivity, reduce_op="sum").cpu()
+    if not torch.isfinite(sensitivity).all():
+        raise UsageError(f"non-finite sensitivity in the pass after step {step} (the probe's loss or gradients"
+                         " diverged): stopping; the checkpoints saved so far are intact")
     rates = allocate_rates(
         sensitivity.tolist(), handler.flops.tolist(), dropbp.rate, dropbp.step, dropbp.max_rate, dropbp.min_rate
     )

@@ -35,6 +35,7 @@ import lit_gpt.adapter_v2
 import lit_gpt.lora
 import lit_gpt.model
 from dropbp import DropBPHandler, PLDHandler
+from lit_gpt.gated import reset_adapter_cache
 
 THEORY = {"full": 2 / 3, "lora": 1 / 2, "qlora": 1 / 2, "adapter": 1 / 2}
 DTYPES = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
@@ -120,6 +121,7 @@ class Step:
 
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        reset_adapter_cache(self.model)  # plain litgpt adapters otherwise fail on their second step
         self.sync()
         t0 = time.perf_counter()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
