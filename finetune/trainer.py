@@ -466,6 +466,8 @@ def allocate(fabric, model, handler, probe, dropbp, metric, out_dir, step: int) 
     if not torch.isfinite(sensitivity).all():
         raise UsageError(f"non-finite sensitivity in the pass after step {step} (the probe's loss or gradients"
                          " diverged): stopping; the checkpoints saved so far are intact")
+    # weigh the branches at the length this run trains on, not the model's context (attention grows as s^2)
+    set_gate_flops(getattr(model, "module", model), probe["input_ids"].size(1))
     rates = allocate_rates(
         sensitivity.tolist(), handler.flops.tolist(), dropbp.rate, dropbp.step, dropbp.max_rate, dropbp.min_rate
     )
