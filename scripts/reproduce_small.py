@@ -2,7 +2,8 @@
 
 1. Pretrain the built-in tiny LLaMA-architecture model on the built-in corpus (plain text, not the fine-tuning
    tasks), so that fine-tuning starts from a model that already knows something, as in the paper.
-2. Fine-tune it (LoRA and full) with the recipes, same seed and data order for every run, at two learning rates:
+2. Fine-tune it (LoRA and full) with the recipes, same seed and data order for every run, at two learning rates,
+   every run with the baseline's FLOPs budget (DropBP and PLD run more steps in it, as in the paper's Fig. 5):
    baseline, PLD (0 -> 0.5; gamma = ln(100) / steps so that the schedule reaches its floor within the short run),
    DropBP 0.5 / 0.75 / 0.875 with sensitivity allocation, DropBP 0.875 uniform.
 3. Report: validation loss against wall time and against FLOPs (PNG), the time each run needs to reach the
@@ -51,6 +52,14 @@ VARIANTS = {  # name -> (DropBP args, PLD args)
 }
 RECIPES = {"lora": lora, "full": full}
 BACKWARD_FACTOR = {"full": 2.0, "lora": 1.0}
+
+
+def equal_flops_steps(steps: int, method: str, dropbp: DropBPArgs, pld: PLDArgs) -> int:
+    """Steps that cost the baseline's FLOPs: every run gets the same compute budget, as in the paper's Fig. 5
+    (DropBP runs more iterations in the same FLOPs). PLD is charged its schedule's 25% average saving."""
+    k = BACKWARD_FACTOR[method]
+    cost = 0.75 * (1 + k) if pld.enabled else 1 + k * (1 - dropbp.rate)
+    return round(steps * (1 + k) / cost)
 
 
 def pretrain(out_dir: Path, steps: int, batch_size: int, seq_len: int, lr: float, seed: int = 0) -> Path:
@@ -149,7 +158,7 @@ def plot(runs: dict, out_dir: Path) -> None:
 def main(
     out_dir: Path = Path("out/reproduce_small"),
     smoke: bool = False,
-    steps: int = 120,
+    steps: int = 100,
     global_batch_size: int = 16,
     micro_batch_size: int = 8,
     learning_rates: dict = {"lora": [3e-3, 1e-3], "full": [1e-3, 3e-4]},
@@ -178,23 +187,24 @@ def main(
         for lr in learning_rates[method]:
             for variant in variants or VARIANTS:
                 dropbp, pld = VARIANTS[variant]
+                run_steps = equal_flops_steps(steps, method, dropbp, pld)
                 if pld.enabled:  # DeepSpeed's gamma=0.001 needs thousands of steps: reach theta_bar within this run
-                    pld = PLDArgs(enabled=True, theta_bar=pld.theta_bar, gamma=math.log(100) / steps)
+                    pld = PLDArgs(enabled=True, theta_bar=pld.theta_bar, gamma=math.log(100) / run_steps)
                 run_dir = out_dir / "runs" / f"{method}-lr{lr:g}-{variant.replace(' ', '_').replace('>', '')}"
                 if not (run_dir / "final").is_dir():
                     shutil.rmtree(run_dir, ignore_errors=True)
                     RECIPES[method].setup(
                         checkpoint_dir=base, out_dir=run_dir, data=Builtin(num_samples=num_samples),
                         train=TrainArgs(global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
-                                        max_steps=steps, lr_warmup_steps=max(1, steps // 20), save_interval=None,
+                                        max_steps=run_steps, lr_warmup_steps=max(1, steps // 20), save_interval=None,
                                         log_interval=1, min_lr=0.0),
-                        eval=EvalArgs(interval=max(1, steps // 12), max_iters=8),
+                        eval=EvalArgs(interval=max(1, steps // 20), max_iters=8),
                         dropbp=dropbp, pld=pld, optimizer={"class_path": "torch.optim.AdamW",
                                                            "init_args": {"lr": lr, "weight_decay": 0.0}},
                         seed=1337,
                     )
                 runs[f"{method}|{lr:g}|{variant}"] = {
-                    "method": method, "lr": lr, "variant": variant, "dir": str(run_dir),
+                    "method": method, "lr": lr, "variant": variant, "dir": str(run_dir), "steps": run_steps,
                     "log": read_log(run_dir, method, variant),
                     "heldout": heldout_scores(run_dir / "final", task_dir, eval_limit),
                 }
@@ -226,9 +236,9 @@ def make_report(runs: dict, base_scores: dict, out_dir: Path, seconds: float) ->
         baseline = best.get("baseline")
         target = baseline["log"]["curve"][-1]["val_loss"] if baseline else None
         lines += [f"## {method}", "",
-                  "| Run | best lr | final val loss | train time (s) | FLOPs | time to baseline's final val loss |"
+                  "| Run | best lr | steps | final val loss | train time (s) | FLOPs | time to baseline's final val loss |"
                   " speed-up | held-out exact match | answer perplexity |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for variant, run in best.items():
             log = run["log"]
             reach = time_to_reach(log["curve"], target) if target is not None else None
@@ -236,7 +246,7 @@ def make_report(runs: dict, base_scores: dict, out_dir: Path, seconds: float) ->
             speed = f"{base_time / reach:.2f}x" if reach and base_time else "not reached"
             held = run["heldout"] or {}
             lines.append(
-                f"| {variant} | {run['lr']:g} | {log['curve'][-1]['val_loss']:.4f} | {log['train_time_s']:.1f} |"
+                f"| {variant} | {run['lr']:g} | {run['steps']} | {log['curve'][-1]['val_loss']:.4f} | {log['train_time_s']:.1f} |"
                 f" {log['flops']:.0f} | {'–' if reach is None else f'{reach:.1f}'} | {speed} |"
                 f" {held.get('exact_match', float('nan')):.3f} | {held.get('answer_perplexity', float('nan')):.3g} |"
             )
