@@ -1,3 +1,4 @@
+import pytest
 import torch
 from litgpt.config import Config
 
@@ -18,3 +19,13 @@ def tiny_config(layout: str, config_class: type = Config, **overrides) -> Config
     spec = dict(LAYOUTS[layout])
     name = spec.pop("name")
     return config_class.from_name(name, **{**TINY, **spec, **overrides})
+
+
+@pytest.fixture
+def one_thread():
+    """For tests whose subprocesses take both cores: more torch threads than free cores makes CPU torch many
+    times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -163,13 +163,7 @@ def trainable_state(model) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- the tests
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The workers take both cores; a second thread here would only contend with them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # other processes take the cores
 
 
 def launch(case: str, out_dir: Path) -> list:
