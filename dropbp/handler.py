@@ -1,6 +1,6 @@
 """The handler: holds per-branch drop rates and draws, once per micro-batch, which branches skip backward."""
 
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 from torch import nn
@@ -152,7 +152,7 @@ class DropBPHandler:
         self.set_mask(torch.tensor(state["mask"], dtype=torch.bool))
 
 
-def gate_of_parameters(handler: DropBPHandler, params: Optional[Sequence[torch.nn.Parameter]] = None) -> dict:
+def gate_of_parameters(handler: DropBPHandler) -> dict:
     """Map id(parameter) -> index of the single gate whose branch contains it (shared parameters are left out)."""
     owners: dict = {}
     for i, gate in enumerate(handler.gates):

@@ -125,7 +125,7 @@ def setup(
         plugins, precision = BitsandbytesPrecision(mode, dtype), None
     else:
         prepare = lambda model, fabric: quantize_frozen_linears(model, mode, dtype)  # noqa: E731
-    method = lora_method("qlora", lora_r, lora_alpha, lora_dropout, targets, prepare=prepare, quantize=quantize)
+    method = lora_method("qlora", lora_r, lora_alpha, lora_dropout, targets, prepare=prepare)
     trainer.run(method, checkpoint_dir, out_dir, precision, devices, 1, data, train, eval, dropbp, pld,
                 optimizer, logger_name, seed, resume, plugins=plugins)
 

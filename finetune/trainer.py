@@ -5,7 +5,6 @@ DropBP handler, `fit` trains (uniform rates until `sensitivity_at`, then the sen
 and the method's `finalize` writes `final/` (LoRA merged into `lit_model.pth` like litgpt).
 """
 
-import dataclasses
 import json
 import math
 import os
@@ -25,14 +24,20 @@ from litgpt.data import DataModule
 from litgpt.model import Block
 from litgpt.prompts import save_prompt_style
 from litgpt.tokenizer import Tokenizer
-from litgpt.utils import CycleIterator, chunked_cross_entropy, choose_logger, copy_config_files, num_parameters
+from litgpt.utils import (
+    CycleIterator,
+    choose_logger,
+    chunked_cross_entropy,
+    copy_config_files,
+    instantiate_torch_optimizer,
+    num_parameters,
+)
 from tqdm import tqdm
 
 from dropbp import DropBPHandler, PLDHandler, allocate_rates, check_rate, compute_sensitivity
 from dropbp.lr import compensate_lr, param_groups, set_lr
 from finetune.args import DropBPArgs, PLDArgs
-import lit_gpt.data  # noqa: F401 (registers Builtin and Dolly for --data)
-from lit_gpt.data import Builtin
+from lit_gpt.data import Alpaca, Builtin  # importing lit_gpt.data also registers Dolly for --data
 from lit_gpt.gated import set_gate_flops
 from lit_gpt.tiny_model import TINY_MODEL_NOTE, ensure_tiny_checkpoint
 
@@ -53,7 +58,6 @@ class Method:
     mark_trainable: Callable[[torch.nn.Module], None]
     finalize: Callable[[L.Fabric, torch.nn.Module, Path, Path], None]  # (fabric, model, checkpoint_dir, final_dir)
     prepare: Optional[Callable[[torch.nn.Module, L.Fabric], torch.nn.Module]] = None  # after weights load (QLoRA)
-    quantize: Optional[str] = None
     full: bool = False  # full fine-tuning: every parameter trains
 
 
@@ -84,7 +88,7 @@ def cli(setup: Callable) -> None:
 def resolve_checkpoint_dir(checkpoint_dir: Optional[Path]) -> Path:
     if checkpoint_dir is None:
         checkpoint_dir = ensure_tiny_checkpoint()
-        print(TINY_MODEL_NOTE.format(path=checkpoint_dir) if "{path}" in TINY_MODEL_NOTE else TINY_MODEL_NOTE)
+        print(TINY_MODEL_NOTE)
         return checkpoint_dir
     checkpoint_dir = Path(checkpoint_dir).expanduser().resolve()
     if not checkpoint_dir.is_dir():
@@ -144,7 +148,7 @@ def run(
 ) -> None:
     builtin_model = checkpoint_dir is None
     checkpoint_dir = resolve_checkpoint_dir(checkpoint_dir)
-    data = (Builtin() if builtin_model else _default_real_data()) if data is None else data
+    data = (Builtin() if builtin_model else Alpaca()) if data is None else data
     check_args(train, dropbp, pld, devices, num_nodes)
     out_dir = Path(out_dir).expanduser().resolve()
     precision = precision or default_precision()
@@ -173,12 +177,6 @@ def choose_strategy(method: Method, world_size: int):
             limit_all_gathers=True, cpu_offload=False,
         )
     return DDPStrategy(find_unused_parameters=True)
-
-
-def _default_real_data() -> DataModule:
-    from litgpt.data import Alpaca
-
-    return Alpaca()
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -236,7 +234,7 @@ def main(
     if load_after_setup:
         fabric.load_raw(checkpoint_dir / "lit_model.pth", model, strict=False)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(optimizer_spec, param_groups(handler, trainable))
+    optimizer = instantiate_torch_optimizer(optimizer_spec, param_groups(handler, trainable))
     optimizer = fabric.setup_optimizers(optimizer)
     compensate_lr(optimizer, handler, enabled=dropbp.lr_compensation)
     base_lr = optimizer.param_groups[0]["lr"]  # the schedule's peak; read before a resumed state overwrites it
@@ -290,12 +288,6 @@ def setup_data(data: DataModule) -> None:
             missing = [f for f in ("instruction", "output") if not isinstance(record.get(f), str)]
             if missing:
                 raise UsageError(f"{source}: record {i} of the {split[:-8]} split lacks field(s) {', '.join(missing)}")
-
-
-def make_optimizer(spec: str | dict, groups: list) -> torch.optim.Optimizer:
-    from litgpt.utils import instantiate_torch_optimizer
-
-    return instantiate_torch_optimizer(spec, groups)
 
 
 # -------------------------------------------------------------------------------------------------- fit
@@ -603,7 +595,3 @@ def save_weights(fabric, model, path: Path, keep: Callable[[str], bool] = lambda
         torch.save(state, tmp)
         os.replace(tmp, path)
     fabric.barrier()
-
-
-def dataclass_summary(*objs) -> dict:
-    return {type(o).__name__: dataclasses.asdict(o) for o in objs}

@@ -60,6 +60,18 @@ def next_letter(rng: random.Random) -> tuple[str, str, str]:
 TASKS = (reverse_word, add_numbers, uppercase_word, sort_letters, count_letters, next_letter)
 
 
+def sft_dataset(module: DataModule, data: list[dict[str, str]]) -> SFTDataset:
+    """litgpt's SFT dataset over ``data`` with a data module's tokenizer, prompt style and masking settings."""
+    return SFTDataset(
+        data=data,
+        tokenizer=module.tokenizer,
+        prompt_style=module.prompt_style,
+        max_seq_length=module.max_seq_length,
+        mask_prompt=module.mask_prompt,
+        ignore_index=module.ignore_index,
+    )
+
+
 def generate_examples(n: int, seed: int = 42) -> list[dict[str, str]]:
     """Returns `n` Alpaca-style examples (`instruction`, `input`, `output`), the same ones for the same seed."""
     rng = random.Random(seed)
@@ -145,14 +157,7 @@ class Builtin(DataModule):
         self.val_dataset = self.sft_dataset(val_data)
 
     def sft_dataset(self, data: list[dict[str, str]]) -> SFTDataset:
-        return SFTDataset(
-            data=data,
-            tokenizer=self.tokenizer,
-            prompt_style=self.prompt_style,
-            max_seq_length=self.max_seq_length,
-            mask_prompt=self.mask_prompt,
-            ignore_index=self.ignore_index,
-        )
+        return sft_dataset(self, data)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(

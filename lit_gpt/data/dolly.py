@@ -5,8 +5,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from litgpt.data import Alpaca, SFTDataset
+from litgpt.data import Alpaca
 from torch.utils.data import random_split
+
+from lit_gpt.data.builtin import sft_dataset
 
 _URL = "https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/main/databricks-dolly-15k.jsonl"
 
@@ -33,18 +35,9 @@ class Dolly(Alpaca):
             [1.0 - self.val_split_fraction, self.val_split_fraction],
             generator=torch.Generator().manual_seed(self.seed),
         )
-        self.train_dataset = self.sft_dataset(list(train_data))
-        self.test_dataset = self.sft_dataset(list(test_data))
+        self.train_dataset = sft_dataset(self, list(train_data))
+        self.test_dataset = sft_dataset(self, list(test_data))
 
-    def sft_dataset(self, data: list[dict[str, str]]) -> SFTDataset:
-        return SFTDataset(
-            data=data,
-            tokenizer=self.tokenizer,
-            prompt_style=self.prompt_style,
-            max_seq_length=self.max_seq_length,
-            mask_prompt=self.mask_prompt,
-            ignore_index=self.ignore_index,
-        )
 
 
 def load_dolly_jsonl(path: Path) -> list[dict[str, str]]:
