@@ -91,7 +91,7 @@ def quantize(method: str, model, dtype, device: str):
     """QLoRA: the frozen base in bitsandbytes NF4 (after any weight copying: 4-bit state dicts differ)."""
     if method != "qlora":
         return model
-    from finetune.qlora import quantize_frozen_linears
+    from lit_gpt.quantize import quantize_frozen_linears
 
     return quantize_frozen_linears(model, "nf4", dtype, device=device)
 

@@ -1,0 +1,42 @@
+"""4-bit frozen base weights for QLoRA: a model transformation shared by the QLoRA recipe and the benchmarks.
+
+On GPU the recipe lets Lightning's bitsandbytes precision plugin quantize the base (litgpt's `--quantize` path);
+Lightning refuses that plugin on CPU, so there the frozen linear layers are replaced by bitsandbytes' own
+`Linear4bit` directly (quantized when moved to the device).
+"""
+
+import torch
+
+CPU_BLOCK = 64
+
+
+def quantize_frozen_linears(
+    model: torch.nn.Module, mode: str, compute_dtype: torch.dtype, device: str = "cpu"
+) -> torch.nn.Module:
+    """Replace every frozen ``nn.Linear`` by a bitsandbytes ``Linear4bit`` holding the same weights, quantized when
+    moved to ``device`` (the CPU path of the recipe; the benchmark uses it on GPU too)."""
+    import bitsandbytes as bnb
+
+    quant_type, double_quant = mode.split("-")[0], mode.endswith("-dq")
+    skipped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not torch.nn.Linear or child.weight.requires_grad:
+                continue
+            if device == "cpu" and child.in_features % CPU_BLOCK:  # bitsandbytes' CPU kernels need whole 64-wide blocks per row
+                skipped += 1
+                continue
+            q = bnb.nn.Linear4bit(
+                child.in_features, child.out_features, bias=child.bias is not None, compute_dtype=compute_dtype,
+                compress_statistics=double_quant, quant_type=quant_type, device="cpu",
+            )
+            q.weight = bnb.nn.Params4bit(
+                child.weight.data.to(compute_dtype), requires_grad=False, compress_statistics=double_quant,
+                quant_type=quant_type,
+            )
+            if child.bias is not None:
+                q.bias = torch.nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
+            setattr(parent, name, q.to(device))  # moving to a device quantizes the weight
+    if skipped:
+        print(f"QLoRA on CPU: {skipped} linear layers with in_features not a multiple of {CPU_BLOCK} stay unquantized")
+    return model
