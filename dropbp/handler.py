@@ -139,6 +139,7 @@ class DropBPHandler:
             "generator": self.generator.get_state(),
             "allocated": self.allocated,
             "mask": self.mask.tolist(),
+            "flops": self.flops.tolist(),  # the branch weights the rates were allocated against
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -150,6 +151,8 @@ class DropBPHandler:
         self.generator.set_state(state["generator"])
         self.allocated = bool(state["allocated"])
         self.set_mask(torch.tensor(state["mask"], dtype=torch.bool))
+        if "flops" in state:  # absent in states saved before the FLOPs were recorded
+            self.set_flops(state["flops"])
 
 
 def gate_of_parameters(handler: DropBPHandler) -> dict:

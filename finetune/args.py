@@ -27,19 +27,22 @@ class DropBPArgs:
     step: float = 0.1
     """Granularity of the allocated rates"""
     lr_compensation: bool = False
-    """Scale each branch's learning rate by 1/(1 - p_i) (the paper's text; off by default)"""
+    """Scale each branch's lr by 1/P(updated in a step): 1/(1 - p_i^accum) for AdamW-type optimizers, 1/(1 - p_i) for SGD"""
     seed: Optional[int] = None
     """Seed of the drop decisions (default: the run's seed). Independent of the data and dropout RNG"""
 
 
 @dataclass
 class PLDArgs:
-    """Progressive Layer Dropping baseline (Zhang & He 2020), DeepSpeed's schedule"""
+    """Progressive Layer Dropping baseline (Zhang & He 2020), DeepSpeed's schedule scaled to the run's length"""
 
     enabled: bool = False
     theta_bar: float = 0.5
-    """Final keep ratio of the last block"""
-    gamma: float = 0.001
-    """Decay of the keep ratio per optimizer step"""
+    """Final keep ratio of the last block (the paper's "PLD 0 -> 0.5" is 1 - theta_bar)"""
+    gamma: Optional[float] = None
+    """Decay of the keep ratio per optimizer step. None: solved from the run's steps so that it drops
+    ``target_drop`` of the blocks' FLOPs on average (DeepSpeed's 0.001 needs far longer runs than these recipes)"""
+    target_drop: float = 0.25
+    """Mean fraction of the blocks' FLOPs dropped over the run when gamma is None (the paper's match with DropBP 0.5)"""
     with_dropbp: bool = False
     """Allow PLD and DropBP together (refused unless set)"""

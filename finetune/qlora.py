@@ -2,7 +2,8 @@
 
 On GPU the base is quantized by Lightning's bitsandbytes precision plugin (litgpt's `--quantize` path). Lightning
 refuses that plugin on CPU, so there the frozen linear layers are replaced by bitsandbytes' own `Linear4bit`
-directly (quantized when moved to the CPU).  Example: python finetune/qlora.py --dropbp.rate 0.875
+directly (`lit_gpt/quantize.py`); `trainer.launch_plan` makes that choice.
+Example: python finetune/qlora.py --dropbp.rate 0.875
 """
 
 import sys
@@ -11,16 +12,12 @@ from typing import Literal, Optional, Union
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a checkout
 
-import torch
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.data import DataModule
 
 from finetune import trainer
 from finetune.args import DropBPArgs, PLDArgs
 from finetune.lora import lora_method
-from lit_gpt.quantize import quantize_frozen_linears
-
-QUANT_DTYPES = {"16-true": torch.float16, "bf16-true": torch.bfloat16, "32-true": torch.float32}
 
 
 def setup(
@@ -75,28 +72,11 @@ def setup(
         seed: seed of data order, initialisation and dropout.
         resume: continue from the latest checkpoint in out_dir ("auto") or from a given one.
     """
-    precision = precision or trainer.default_precision()
-    if precision not in QUANT_DTYPES:
-        raise trainer.UsageError(
-            f"QLoRA needs one of --precision {', '.join(QUANT_DTYPES)} (got {precision!r}): mixed precision"
-            " cannot be combined with 4-bit quantization"
-        )
-    if devices != 1:
-        raise trainer.UsageError("QLoRA runs on one device (--devices 1), as in litgpt")
     targets = dict(lora_query=lora_query, lora_key=lora_key, lora_value=lora_value, lora_projection=lora_projection,
                    lora_mlp=lora_mlp, lora_head=lora_head)
-    mode, dtype = quantize[len("bnb."):], QUANT_DTYPES[precision]
-    plugins, prepare = None, None
-    if torch.cuda.is_available():
-        from lightning.fabric.plugins import BitsandbytesPrecision
-
-        plugins, precision = BitsandbytesPrecision(mode, dtype), None
-    else:
-        prepare = lambda model, fabric: quantize_frozen_linears(model, mode, dtype)  # noqa: E731
-    method = lora_method("qlora", lora_r, lora_alpha, lora_dropout, targets, prepare=prepare)
+    method = lora_method("qlora", lora_r, lora_alpha, lora_dropout, targets, quantize=quantize)
     trainer.run(method, checkpoint_dir, out_dir, precision, devices, 1, data, train, eval, dropbp, pld,
-                optimizer, logger_name, seed, resume, plugins=plugins)
-
+                optimizer, logger_name, seed, resume)
 
 if __name__ == "__main__":
     trainer.cli(setup)

@@ -8,6 +8,7 @@ and the method's `finalize` writes `final/` (LoRA merged into `lit_model.pth` li
 import json
 import math
 import os
+import random
 import sys
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Callable, Optional
 import lightning as L
 import torch
 from jsonargparse import CLI
+from lightning.fabric.plugins import BitsandbytesPrecision
 from lightning.fabric.strategies import DDPStrategy, FSDPStrategy
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.config import Config
@@ -38,7 +40,9 @@ from dropbp import DropBPHandler, PLDHandler, allocate_rates, check_rate, comput
 from dropbp.lr import compensate_lr, param_groups, set_lr
 from finetune.args import DropBPArgs, PLDArgs
 from lit_gpt.data import Alpaca, Builtin  # importing lit_gpt.data also registers Dolly for --data
+from lit_gpt.data.download import download_data_file
 from lit_gpt.gated import set_gate_flops
+from lit_gpt.quantize import QUANT_DTYPES, quantize_frozen_linears
 from lit_gpt.tiny_model import TINY_MODEL_NOTE, ensure_tiny_checkpoint
 
 REQUIRED_CHECKPOINT_FILES = ("lit_model.pth", "model_config.yaml")
@@ -57,8 +61,8 @@ class Method:
     config: Callable[[Path], Config]  # checkpoint_dir -> config with the method's extras (LoRA rank, ...)
     mark_trainable: Callable[[torch.nn.Module], None]
     finalize: Callable[[L.Fabric, torch.nn.Module, Path, Path], None]  # (fabric, model, checkpoint_dir, final_dir)
-    prepare: Optional[Callable[[torch.nn.Module, L.Fabric], torch.nn.Module]] = None  # after weights load (QLoRA)
     full: bool = False  # full fine-tuning: every parameter trains
+    quantize: Optional[str] = None  # QLoRA: the 4-bit format of the frozen base ("bnb.nf4", ...)
 
 
 def default_train_args() -> TrainArgs:
@@ -105,27 +109,36 @@ def resolve_checkpoint_dir(checkpoint_dir: Optional[Path]) -> Path:
 
 
 def check_args(train: TrainArgs, dropbp: DropBPArgs, pld: PLDArgs, devices: int, num_nodes: int) -> None:
+    """Everything that can be refused before the run starts is refused here, not after 10% of the run."""
     check_rate(dropbp.rate, "--dropbp.rate")
     check_rate(dropbp.max_rate, "--dropbp.max_rate")
+    check_rate(dropbp.min_rate, "--dropbp.min_rate")
     if dropbp.rate > dropbp.max_rate:
         raise UsageError(f"--dropbp.rate {dropbp.rate} is above --dropbp.max_rate {dropbp.max_rate}")
+    if dropbp.min_rate > dropbp.rate:
+        raise UsageError(f"--dropbp.min_rate {dropbp.min_rate} is above --dropbp.rate {dropbp.rate}")
+    if not 0.0 < dropbp.step <= 1.0:
+        raise UsageError(f"--dropbp.step must be in (0, 1], got {dropbp.step}")
+    if dropbp.probe_batch_size is not None and dropbp.probe_batch_size < 1:
+        raise UsageError(f"--dropbp.probe_batch_size must be at least 1, got {dropbp.probe_batch_size}")
+    for name in ("max_tokens", "tie_embeddings"):  # litgpt's fine-tuning recipes refuse them too
+        if getattr(train, name) is not None:
+            raise UsageError(f"--train.{name} is not supported by the fine-tuning recipes")
+    if train.max_time is not None and train.max_time <= 0:
+        raise UsageError(f"--train.max_time must be positive (seconds), got {train.max_time}")
     if not 0.0 <= dropbp.sensitivity_at < 1.0:
         raise UsageError(f"--dropbp.sensitivity_at must be in [0, 1), got {dropbp.sensitivity_at}")
     if pld.enabled and dropbp.rate > 0 and not pld.with_dropbp:
         raise UsageError("PLD and DropBP are both on: pass --pld.with_dropbp true to combine them on purpose")
-    if train.micro_batch_size < 1 or train.global_batch_size % (train.micro_batch_size * devices * num_nodes):
+    if train.micro_batch_size < 1:
+        raise UsageError(f"--train.micro_batch_size must be at least 1, got {train.micro_batch_size}")
+    if train.global_batch_size % (train.micro_batch_size * devices * num_nodes):
         raise UsageError(
             f"--train.global_batch_size {train.global_batch_size} must be a multiple of"
             f" micro_batch_size x devices x num_nodes = {train.micro_batch_size * devices * num_nodes}"
         )
     if not (train.max_steps or train.epochs):
         raise UsageError("set --train.max_steps or --train.epochs")
-
-
-def default_precision() -> str:
-    if torch.cuda.is_available():
-        return "bf16-true" if torch.cuda.is_bf16_supported() else "16-true"
-    return "32-true"  # bf16 on CPU is about 10x slower
 
 
 def run(
@@ -144,39 +157,62 @@ def run(
     logger_name: str,
     seed: int,
     resume: bool | str | Path,
-    plugins=None,
 ) -> None:
     builtin_model = checkpoint_dir is None
     checkpoint_dir = resolve_checkpoint_dir(checkpoint_dir)
     data = (Builtin() if builtin_model else Alpaca()) if data is None else data
     check_args(train, dropbp, pld, devices, num_nodes)
     out_dir = Path(out_dir).expanduser().resolve()
-    precision = precision or default_precision()
+    fabric_args, quantize_base = launch_plan(method, precision, devices, num_nodes)
     config = method.config(checkpoint_dir)
     if train.max_seq_length is not None and train.max_seq_length > config.block_size:
         raise UsageError(
             f"--train.max_seq_length {train.max_seq_length} is above the model's block size {config.block_size}"
         )
     logger = choose_logger(logger_name, out_dir, name=f"finetune-{method.name}-{config.name}", log_interval=1)
-    strategy = choose_strategy(method, devices * num_nodes)
-    fabric = L.Fabric(
-        devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, loggers=logger, plugins=plugins
-    )
-    fabric.launch(main, method, config, checkpoint_dir, out_dir, data, train, eval, dropbp, pld, optimizer, seed, resume)
+    fabric = L.Fabric(**fabric_args, loggers=logger)
+    fabric.launch(main, method, config, checkpoint_dir, out_dir, data, train, eval, dropbp, pld, optimizer, seed, resume,
+                  quantize_base)
 
 
-def choose_strategy(method: Method, world_size: int):
-    """Full fine-tuning on GPUs: FSDP, as litgpt (Lightning has no FSDP on CPU). Otherwise DDP, told to look for
-    unused parameters: those of the dropped branches get no gradient. Every rank drops the same branches, so DDP
-    leaves their ``.grad`` at None on every rank rather than averaging in zeros."""
+# --------------------------------------------------------------------------------------------- GPU or CPU
+def launch_plan(method: Method, precision: Optional[str], devices: int, num_nodes: int) -> tuple:
+    """Every decision that differs between a GPU and a CPU, in one place: the arguments Fabric gets (precision,
+    plugins, strategy, devices) and, for QLoRA, the function that quantizes the frozen base on the CPU (None when
+    Lightning's bitsandbytes plugin does it on the GPU)."""
+    cuda = torch.cuda.is_available()
+    if precision is None:  # bf16 on CPU is 1.2-2x slower than fp32 and gains nothing there
+        precision = ("bf16-true" if torch.cuda.is_bf16_supported() else "16-true") if cuda else "32-true"
+    plugins, quantize_base = None, None
+    if method.quantize is not None:
+        if precision not in QUANT_DTYPES:
+            raise UsageError(
+                f"QLoRA needs one of --precision {', '.join(QUANT_DTYPES)} (got {precision!r}): mixed precision"
+                " cannot be combined with 4-bit quantization"
+            )
+        if devices * num_nodes != 1:
+            raise UsageError("QLoRA runs on one device (--devices 1), as in litgpt")
+        mode, dtype = method.quantize[len("bnb."):], QUANT_DTYPES[precision]
+        if cuda:  # litgpt's route; Fabric refuses a precision string next to a precision plugin
+            plugins, precision = BitsandbytesPrecision(mode, dtype), None
+        else:  # Lightning refuses the plugin on CPU: bitsandbytes' own 4-bit layers, quantized when moved
+            quantize_base = lambda model: quantize_frozen_linears(model, mode, dtype)  # noqa: E731
+    args = dict(devices=devices, num_nodes=num_nodes, strategy=choose_strategy(method, devices * num_nodes, cuda),
+                precision=precision, plugins=plugins)
+    return args, quantize_base
+
+
+def choose_strategy(method: Method, world_size: int, cuda: bool):
+    """Full fine-tuning on GPUs: FSDP, as litgpt (Lightning has no FSDP on CPU). Otherwise DDP, whose gradients
+    the training loop averages itself: the parameters of dropped branches keep ``.grad`` None on every rank."""
     if world_size == 1:
         return "auto"
-    if method.full and torch.cuda.is_available():
+    if method.full and cuda:
         return FSDPStrategy(
             auto_wrap_policy={Block}, activation_checkpointing_policy={Block}, state_dict_type="full",
             limit_all_gathers=True, cpu_offload=False,
         )
-    return DDPStrategy(find_unused_parameters=True)
+    return DDPStrategy()  # gradients are averaged by hand (see `average_gradients`), never by DDP's reducer
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -194,12 +230,13 @@ def main(
     optimizer_spec: str | dict,
     seed: int,
     resume: bool | str | Path,
+    quantize_base: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None,
 ) -> None:
     fabric.seed_everything(seed)  # before the dataloaders: Fabric's DistributedSampler takes its shuffling seed from it
     tokenizer = Tokenizer(checkpoint_dir)
     data.connect(tokenizer=tokenizer, batch_size=train.micro_batch_size, max_seq_length=train.max_seq_length)
     with fabric.rank_zero_first():
-        data.prepare_data()
+        prepare_data(data)
     setup_data(data)
     train_loader, val_loader = fabric.setup_dataloaders(data.train_dataloader(), data.val_dataloader())
     accum = train.global_batch_size // (train.micro_batch_size * fabric.world_size)
@@ -216,14 +253,15 @@ def main(
         state = torch.load(checkpoint_dir / "lit_model.pth", map_location="cpu", mmap=True, weights_only=True)
         model.load_state_dict(state.get("model", state), strict=False)
     method.mark_trainable(model)
-    if method.prepare is not None:
-        model = method.prepare(model, fabric)
+    if quantize_base is not None:  # QLoRA on CPU: after the weights are in (4-bit state dicts differ)
+        model = quantize_base(model)
     seq_len = train.max_seq_length or config.block_size
     model.max_seq_length = min(seq_len, config.block_size)
     set_gate_flops(model, model.max_seq_length)
 
     handler = DropBPHandler(model, rate=dropbp.rate, sampling=dropbp.sampling, seed=seed if dropbp.seed is None else dropbp.seed)
-    pld_handler = PLDHandler(model, pld.theta_bar, pld.gamma, seed=seed) if pld.enabled else None
+    pld_handler = PLDHandler(model, pld.theta_bar, pld.gamma, seed=seed, total_steps=max_steps,
+                             target_drop=pld.target_drop) if pld.enabled else None
     fabric.print(
         f"Trainable parameters: {num_parameters(model, requires_grad=True):,} | frozen:"
         f" {num_parameters(model, requires_grad=False):,} | {len(handler.gates)} gated branches,"
@@ -236,7 +274,7 @@ def main(
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = instantiate_torch_optimizer(optimizer_spec, param_groups(handler, trainable))
     optimizer = fabric.setup_optimizers(optimizer)
-    compensate_lr(optimizer, handler, enabled=dropbp.lr_compensation)
+    compensate_lr(optimizer, handler, enabled=dropbp.lr_compensation, accum=accum)
     base_lr = optimizer.param_groups[0]["lr"]  # the schedule's peak; read before a resumed state overwrites it
 
     progress = {"step": 0, "iter": 0, "best_val": None}
@@ -247,14 +285,21 @@ def main(
         handler.load_state_dict(restored["dropbp"])
         if pld_handler is not None:
             pld_handler.load_state_dict(restored["pld"])
-        compensate_lr(optimizer, handler, enabled=dropbp.lr_compensation)
+        compensate_lr(optimizer, handler, enabled=dropbp.lr_compensation, accum=accum)
         fabric.print(f"Resumed from {resume_path} at step {progress['step']}")
         restored_rng = restored["rng"]
     else:
         restored_rng = None
 
+    if eval.initial_validation and resume_path is None:  # as litgpt: the whole validation set, before training
+        val_loss = validate(fabric, model, val_loader, len(val_loader), pld_handler)
+        fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, step=0)
+        fabric.print(f"Initial evaluation | val loss: {val_loss:.3f} | val ppl: {math.exp(val_loss):.3f}")
+    else:  # a quick check that validation works, so a problem shows now and not after training
+        validate(fabric, model, val_loader, 2, pld_handler)
+    example = Example(tokenizer, data, eval)
     fit(fabric, method, model, optimizer, handler, pld_handler, train_loader, val_loader, data, train, eval,
-        dropbp, out_dir, accum, max_steps, base_lr, progress, restored_rng)
+        dropbp, out_dir, accum, max_steps, base_lr, progress, restored_rng, example)
 
     if eval.final_validation:
         val_loss = validate(fabric, model, val_loader, len(val_loader), pld_handler)
@@ -272,6 +317,16 @@ def main(
     fabric.print(f"Saved the fine-tuned model to {final_dir}")
 
 
+def prepare_data(data: DataModule) -> None:
+    """``data.prepare_data()``, with the file of a downloading module (Alpaca, Dolly) fetched first, checked."""
+    url, folder, name = (getattr(data, a, None) for a in ("file_url", "download_dir", "file_name"))
+    if url and folder and name:
+        path = Path(folder) / name
+        if not (path.is_file() and path.stat().st_size > 0):
+            download_data_file(url, path)
+    data.prepare_data()
+
+
 def setup_data(data: DataModule) -> None:
     """``data.setup()``, with a malformed file reported as one clear error before training starts, not as a
     traceback from a dataloader half-way through the run."""
@@ -280,6 +335,10 @@ def setup_data(data: DataModule) -> None:
         data.setup()
     except json.JSONDecodeError as e:
         raise UsageError(f"{source}: not valid JSON ({e})") from None
+    for dataset, name in ((data.train_dataset, "training"), (validation_split(data), "validation")):
+        if len(dataset) == 0:
+            raise UsageError(f"{source}: the {name} split is empty (too few records for the split; a JSON file's"
+                             " --data.val_split_fraction sets the validation share)")
     for split in ("train_dataset", "val_dataset", "test_dataset"):
         records = getattr(getattr(data, split, None), "data", None)
         for i, record in enumerate(records or []):
@@ -290,19 +349,26 @@ def setup_data(data: DataModule) -> None:
                 raise UsageError(f"{source}: record {i} of the {split[:-8]} split lacks field(s) {', '.join(missing)}")
 
 
+def validation_split(data: DataModule):
+    """litgpt's modules keep it as ``test_dataset`` (Alpaca, JSON, Dolly), ours as ``val_dataset`` (Builtin)."""
+    dataset = getattr(data, "test_dataset", None)
+    return dataset if dataset is not None else data.val_dataset
+
+
 # -------------------------------------------------------------------------------------------------- fit
 def fit(
     fabric, method, model, optimizer, handler, pld_handler, train_loader, val_loader, data, train, eval, dropbp,
-    out_dir, accum, max_steps, base_lr, progress, restored_rng,
+    out_dir, accum, max_steps, base_lr, progress, restored_rng, example,
 ) -> None:
-    warmup = train.lr_warmup_steps or 0
+    steps_per_epoch = max(1, len(train_loader) // accum)
+    warmup = math.ceil(train.lr_warmup_fraction * steps_per_epoch) if train.lr_warmup_fraction else (
+        train.lr_warmup_steps or 0)  # litgpt: a fraction of an epoch, or a number of optimizer steps
+    max_time = train.max_time or math.inf  # seconds of wall time since training started, as litgpt
     allocate_at = int(dropbp.sensitivity_at * max_steps) if math.isfinite(max_steps) else None
     needs_allocation = dropbp.rate > 0 and dropbp.allocation == "sensitivity" and pld_handler is None
-    # backward can be skipped only if nothing outside the gated branches trains (LoRA/adapter without head)
-    gated = {id(p) for g in handler.gates for p in g.branch_parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
-    all_gated = all(id(p) in gated for p in trainable)
     sharded = isinstance(fabric.strategy, FSDPStrategy)
+    sync_by_hand = fabric.world_size > 1 and not sharded
     metric = dropbp.sensitivity if dropbp.sensitivity != "auto" else ("gradnorm" if method.full else "grad")
     probe = probe_batch(train_loader, dropbp.probe_batch_size or train.micro_batch_size, fabric)
 
@@ -316,7 +382,7 @@ def fit(
                disable=fabric.global_rank != 0, desc=f"{method.name} p={dropbp.rate}", dynamic_ncols=True)
     window = {"loss": 0.0, "fw": 0.0, "bw": 0.0, "drop": 0.0, "n": 0}
     kept = torch.zeros(len(handler.gates), dtype=torch.bool)  # branches back-propagated in this optimizer step
-    step_t0 = time.perf_counter()
+    step_t0 = fit_t0 = time.perf_counter()
     while progress["step"] < max_steps:
         if train.epochs is not None and train_iter.epoch >= train.epochs:
             break
@@ -328,17 +394,18 @@ def fit(
         if dropbp.rate > 0 or pld_handler is None:
             handler.sample()
         kept |= torch.tensor([not (g.dropped or g.skipped) for g in handler.gates])
-        skip_backward = handler.all_dropped and all_gated
 
         t0 = time.perf_counter()
-        with fabric.no_backward_sync(model, enabled=is_accumulating):
+        with fabric.no_backward_sync(model, enabled=is_accumulating or sync_by_hand):
             loss = micro_batch_loss(model, batch)
             t1 = sync_time(fabric)
-            if not skip_backward:
+            # No graph when the kept branches hold nothing trainable (LoRA on q and v only, every branch dropped):
+            # this micro-batch adds nothing to any gradient.
+            if loss.requires_grad:
                 fabric.backward(loss / accum)
             t2 = sync_time(fabric)
-        if skip_backward and not is_accumulating and fabric.world_size > 1:
-            average_gradients(fabric, trainable)  # DDP averages inside backward, which did not run (LoRA, adapter)
+        if sync_by_hand and not is_accumulating:
+            average_gradients(fabric, trainable)
         loss_value = loss.item()
         diverged = not math.isfinite(loss_value)
         if fabric.world_size > 1:  # stop every rank together: the others would wait forever in the next collective
@@ -381,24 +448,40 @@ def fit(
         if needs_allocation and not handler.allocated and allocate_at is not None and progress["step"] >= allocate_at:
             t_alloc = time.perf_counter()
             allocate(fabric, model, handler, probe, dropbp, metric, out_dir, progress["step"])
-            compensate_lr(optimizer, handler, enabled=dropbp.lr_compensation)
+            compensate_lr(optimizer, handler, enabled=dropbp.lr_compensation, accum=accum)
             fabric.log_dict({"sensitivity_time": time.perf_counter() - t_alloc}, step=progress["step"])
         if progress["step"] % eval.interval == 0:
             val_loss = validate(fabric, model, val_loader, eval.max_iters, pld_handler)
             fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, step=progress["step"])
             bar.write(f"step {progress['step']}: val loss {val_loss:.4f}")
+            example.generate(fabric, model, bar.write)
         if train.save_interval is not None and progress["step"] % train.save_interval == 0:
             save_training_state(fabric, model, optimizer, handler, pld_handler, progress, out_dir)
+        out_of_time = time.perf_counter() - fit_t0 > max_time
+        if math.isfinite(max_time) and fabric.world_size > 1:  # every rank stops after the same step
+            out_of_time = bool(fabric.all_reduce(torch.tensor(float(out_of_time)), reduce_op="max").item())
+        if out_of_time:
+            bar.write(f"--train.max_time {train.max_time:g}s reached after step {progress['step']}: stopping")
+            break
         step_t0 = time.perf_counter()  # validation and saving are not training time
     bar.close()
 
 
 def average_gradients(fabric, params) -> None:
-    """Average the accumulated gradients over ranks. Every rank dropped the same branches, so the same parameters
-    have a gradient on every rank, and the collectives match."""
-    for p in params:
-        if p.grad is not None:
-            p.grad = fabric.all_reduce(p.grad, reduce_op="mean")
+    """Average the accumulated gradients over ranks, in one collective per dtype. Every rank dropped the same
+    branches, so the same parameters hold a gradient on every rank and the flat buffers line up.
+
+    Under DDP this replaces DDP's own synchronisation (every forward runs in ``no_backward_sync``). DDP remembers
+    which parameters were used in unsynchronised micro-batches and all-reduces them at the next synchronised
+    backward; when a step's last micro-batch has no backward (nothing trainable kept), that memory leaks into the
+    next step, whose backward then fails on a parameter without gradient ("Encountered gradient which is
+    undefined, but still allreduced by DDP reducer")."""
+    grads = [p.grad for p in params if p.grad is not None]
+    for dtype in {g.dtype for g in grads}:
+        same = [g for g in grads if g.dtype == dtype]
+        flat = fabric.all_reduce(torch.cat([g.reshape(-1) for g in same]), reduce_op="mean")
+        for g, part in zip(same, flat.split([g.numel() for g in same])):
+            g.copy_(part.view_as(g))
 
 
 def clear_dropped_gradients(handler, kept: torch.Tensor) -> None:
@@ -447,10 +530,20 @@ def probe_batch(train_loader, size: int, fabric) -> dict:
 
 def allocate(fabric, model, handler, probe, dropbp, metric, out_dir, step: int) -> None:
     t0 = time.perf_counter()
-    sensitivity = compute_sensitivity(
-        handler, model, lambda: micro_batch_loss(model, probe), metric=metric, backward=fabric.backward
-    )
-    # Every rank probes the same batch. DDP averages the probe gradients, so the sensitivities already agree; under
+    sync_by_hand = fabric.world_size > 1 and not isinstance(fabric.strategy, FSDPStrategy)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def probe_loss():
+        with fabric.no_backward_sync(model, enabled=sync_by_hand):  # as in training: DDP never syncs by itself
+            return micro_batch_loss(model, probe)
+
+    def probe_backward(loss):
+        fabric.backward(loss)
+        if sync_by_hand:
+            average_gradients(fabric, trainable)
+
+    sensitivity = compute_sensitivity(handler, model, probe_loss, metric=metric, backward=probe_backward)
+    # Every rank probes the same batch. Under DDP the probe gradients are averaged, so the sensitivities agree; under
     # FSDP each rank holds a shard of every gradient, and the shards' parts add up ("gradnorm" then takes the norm
     # of each shard of a tensor rather than of the whole tensor).
     if isinstance(fabric.strategy, FSDPStrategy):
@@ -507,6 +600,49 @@ def plot_allocation(report: dict, path: Path) -> None:
     os.replace(path.with_suffix(".tmp.png"), path)
 
 
+class Example:
+    """litgpt's sample generation at each validation (`--eval.evaluate_example`, `--eval.max_new_tokens`): one
+    record of the validation split (else the training split), prompted with its input too, answered by sampling
+    at temperature 0.8 under a forked RNG, so that generating never changes the training run."""
+
+    def __init__(self, tokenizer, data, eval: EvalArgs) -> None:
+        self.tokenizer, self.prompt_style, self.max_new_tokens = tokenizer, data.prompt_style, eval.max_new_tokens
+        records = validation_split(data).data or data.train_dataset.data
+        choice = eval.evaluate_example
+        if choice == "first":
+            choice = 0
+        elif choice == "random":
+            choice = random.Random(len(records)).randrange(len(records))  # fixed, so every rank picks the same
+        elif not isinstance(choice, int) or not 0 <= choice < len(records):
+            raise UsageError(f"--eval.evaluate_example must be first, random or an index below {len(records)},"
+                             f" got {eval.evaluate_example!r}")
+        self.record = records[choice]
+
+    @torch.no_grad()
+    def generate(self, fabric, model, write: Callable[[str], None]) -> None:
+        if not self.max_new_tokens:
+            return
+        from litgpt.generate.base import generate
+
+        prompt = self.prompt_style.apply(self.record["instruction"], input=self.record.get("input", ""))
+        encoded = self.tokenizer.encode(prompt, device=fabric.device)
+        max_returned = len(encoded) + self.max_new_tokens
+        if max_returned > model.max_seq_length:
+            write(f"example not generated: its prompt ({len(encoded)} tokens) + --eval.max_new_tokens"
+                  f" {self.max_new_tokens} exceed the training length {model.max_seq_length}")
+            return
+        model.eval()
+        with torch.random.fork_rng(devices=[fabric.device] if fabric.device.type == "cuda" else []):
+            with fabric.init_tensor():
+                model.set_kv_cache(batch_size=1)
+            output = generate(model, encoded, max_returned_tokens=max_returned, temperature=0.8,
+                              eos_id=self.tokenizer.eos_id)
+            model.clear_kv_cache()
+        model.train()
+        if fabric.global_rank == 0:
+            write(f"{self.record['instruction']} -> {self.tokenizer.decode(output[len(encoded):])!r}")
+
+
 @torch.no_grad()
 def validate(fabric, model, val_loader, max_iters: int, pld_handler=None) -> float:
     """Validation loss with every branch kept (DropBP never changes the forward; PLD is switched off)."""
@@ -526,8 +662,6 @@ def validate(fabric, model, val_loader, max_iters: int, pld_handler=None) -> flo
 
 # ---------------------------------------------------------------------------------------- checkpointing
 def get_rng_state() -> dict:
-    import random
-
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -535,8 +669,6 @@ def get_rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    import random
-
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():

@@ -8,6 +8,7 @@ Lightning refuses that plugin on CPU, so there the frozen linear layers are repl
 import torch
 
 CPU_BLOCK = 64
+QUANT_DTYPES = {"16-true": torch.float16, "bf16-true": torch.bfloat16, "32-true": torch.float32}  # compute dtypes
 
 
 def quantize_frozen_linears(

@@ -4,7 +4,7 @@
    tasks), so that fine-tuning starts from a model that already knows something, as in the paper.
 2. Fine-tune it (LoRA and full) with the recipes, same seed and data order for every run, at two learning rates,
    every run with the baseline's FLOPs budget (DropBP and PLD run more steps in it, as in the paper's Fig. 5):
-   baseline, PLD (0 -> 0.5; gamma = ln(100) / steps so that the schedule reaches its floor within the short run),
+   baseline, PLD (0 -> 0.5; the automatic gamma of dropbp/pld.py: the run averages a 25% FLOPs saving),
    DropBP 0.5 / 0.75 / 0.875 with sensitivity allocation, DropBP 0.875 uniform.
 3. Report: validation loss against wall time and against FLOPs (PNG), the time each run needs to reach the
    baseline's final validation loss, held-out accuracy on the built-in tasks through eval/ (best learning rate
@@ -56,9 +56,10 @@ BACKWARD_FACTOR = {"full": 2.0, "lora": 1.0}
 
 def equal_flops_steps(steps: int, method: str, dropbp: DropBPArgs, pld: PLDArgs) -> int:
     """Steps that cost the baseline's FLOPs: every run gets the same compute budget, as in the paper's Fig. 5
-    (DropBP runs more iterations in the same FLOPs). PLD is charged its schedule's 25% average saving."""
+    (DropBP runs more iterations in the same FLOPs). PLD is charged the average saving its automatic gamma is
+    solved for (``pld.target_drop``, 25%)."""
     k = BACKWARD_FACTOR[method]
-    cost = 0.75 * (1 + k) if pld.enabled else 1 + k * (1 - dropbp.rate)
+    cost = (1 - pld.target_drop) * (1 + k) if pld.enabled else 1 + k * (1 - dropbp.rate)
     return round(steps * (1 + k) / cost)
 
 
@@ -187,9 +188,7 @@ def main(
         for lr in learning_rates[method]:
             for variant in variants or VARIANTS:
                 dropbp, pld = VARIANTS[variant]
-                run_steps = equal_flops_steps(steps, method, dropbp, pld)
-                if pld.enabled:  # DeepSpeed's gamma=0.001 needs thousands of steps: reach theta_bar within this run
-                    pld = PLDArgs(enabled=True, theta_bar=pld.theta_bar, gamma=math.log(100) / run_steps)
+                run_steps = equal_flops_steps(steps, method, dropbp, pld)  # PLD: gamma solved from run_steps
                 run_dir = out_dir / "runs" / f"{method}-lr{lr:g}-{variant.replace(' ', '_').replace('>', '')}"
                 if not (run_dir / "final").is_dir():
                     shutil.rmtree(run_dir, ignore_errors=True)

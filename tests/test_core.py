@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from dropbp import DropBPGate, add_branch, DropBPHandler, PLDHandler, allocate_rates, branch_flops, compute_sensitivity
-from dropbp.lr import compensate_lr, param_groups, set_lr
 
 
 class ResidualMLP(nn.Module):
@@ -167,47 +166,3 @@ def test_branch_flops_attention_grows_quadratically():
     assert f512[1] == 2 * 512 * d * inter * 3
     assert f512[0] == 2 * 512 * d * 3 * d + 4 * 512**2 * d + 2 * 512 * d * d
     assert f4k[1] / f512[1] == 8 and f4k[0] / f512[0] > 8
-
-
-def test_pld_schedule_skip_and_scale():
-    model = ResidualMLP(depth=8)  # 4 layers of (attn, mlp)
-    pld = PLDHandler(model, theta_bar=0.5, gamma=0.001, seed=0)
-    assert pld.theta(0) == 1.0 and pld.theta(10**6) == pytest.approx(0.5)
-    t = 1000
-    theta = 0.5 * math.exp(-1.0) + 0.5
-    assert pld.keep_probabilities(t) == pytest.approx([1 - (l / 4) * (1 - theta) for l in (1, 2, 3, 4)])
-    kept = pld.sample(step=10**6)
-    for gate in model.gates:
-        assert gate.skipped == (not kept[gate.layer])
-        assert gate.scale == pytest.approx(1 / pld.keep_probabilities(10**6)[gate.layer])
-    x = torch.randn(2, 8)
-    # a skipped branch contributes nothing and gets no gradient; a kept one is scaled by 1/keep
-    expected = model.inp(x)
-    for gate, branch in zip(model.gates, model.branches):
-        if not gate.skipped:
-            expected = branch(expected) * gate.scale + expected
-    assert torch.allclose(model(x), model.out(expected).sum())
-    model(x).backward()
-    for gate, branch in zip(model.gates, model.branches):
-        assert (branch[0].weight.grad is None) == gate.skipped
-    freq = torch.tensor([pld.sample(step=10**6) for _ in range(3000)]).double().mean(0)
-    assert torch.allclose(freq, torch.tensor(pld.keep_probabilities(10**6), dtype=torch.float64), atol=0.04)
-    pld.disable()
-    assert not any(g.skipped for g in model.gates) and all(g.scale == 1.0 for g in model.gates)
-
-
-def test_lr_compensation_groups_compose_with_a_schedule():
-    model = ResidualMLP(depth=4)
-    handler = DropBPHandler(model, rate=[0.0, 0.5, 0.75, 0.9])
-    groups = param_groups(handler, model.parameters(), weight_decay=0.0)
-    assert [g["dropbp_gate"] for g in groups] == [None, 0, 1, 2, 3]
-    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
-    opt = torch.optim.AdamW(groups, lr=1.0)
-    set_lr(opt, 1e-3)
-    assert [g["lr"] for g in opt.param_groups] == [1e-3] * 5  # off by default: lr_scale 1
-    compensate_lr(opt, handler)
-    set_lr(opt, 1e-3)
-    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 1e-3, 2e-3, 4e-3, 1e-2])
-    compensate_lr(opt, handler, enabled=False)
-    set_lr(opt, 2e-3)
-    assert [g["lr"] for g in opt.param_groups] == [2e-3] * 5

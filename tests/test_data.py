@@ -9,7 +9,8 @@ import torch
 from litgpt.tokenizer import Tokenizer
 
 import lit_gpt.data
-from lit_gpt.data import Builtin, Dolly
+from finetune.trainer import prepare_data
+from lit_gpt.data import Alpaca, Builtin, Dolly
 from lit_gpt.data.builtin import generate_examples, split_examples
 from lit_gpt.tiny_model import ensure_tiny_checkpoint
 
@@ -120,25 +121,42 @@ class QuietHandler(SimpleHTTPRequestHandler):
         pass
 
 
-def test_dolly_downloads_when_missing(tmp_path, monkeypatch):
-    served = tmp_path / "served"
-    served.mkdir()
-    write_dolly(served / "dolly.jsonl", 20)
+@pytest.fixture
+def served(tmp_path, monkeypatch):
+    """A folder served over HTTP on loopback; yields (folder, base URL)."""
+    folder = tmp_path / "served"
+    folder.mkdir()
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(served)))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(folder)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    try:
-        data = Dolly(download_dir=tmp_path / "dolly", file_url=f"http://127.0.0.1:{server.server_port}/dolly.jsonl")
-        data.prepare_data()
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    yield folder, f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+    thread.join()
 
-    assert (tmp_path / "dolly" / "databricks-dolly-15k.jsonl").read_text() == (served / "dolly.jsonl").read_text()
+
+def test_dolly_downloads_when_missing(tmp_path, served):
+    folder, url = served
+    write_dolly(folder / "dolly.jsonl", 20)
+    data = Dolly(download_dir=tmp_path / "dolly", file_url=f"{url}/dolly.jsonl")
+    prepare_data(data)  # what the recipes call
+
+    assert (tmp_path / "dolly" / "databricks-dolly-15k.jsonl").read_text() == (folder / "dolly.jsonl").read_text()
     data.setup()
     assert (len(data.train_dataset), len(data.test_dataset)) == (18, 2)
+
+
+@pytest.mark.parametrize("module", [Dolly, Alpaca])
+@pytest.mark.parametrize("where, reason", [("missing.json", "HTTP 404"), ("unreachable", "ConnectionError")])
+def test_a_failed_download_writes_nothing_and_says_where_to_put_the_file(tmp_path, served, module, where, reason):
+    url = f"{served[1]}/missing.json" if where == "missing.json" else "http://127.0.0.1:9/unreachable"
+    data = module(download_dir=tmp_path / "data", file_url=url)
+    with pytest.raises(FileNotFoundError) as error:
+        prepare_data(data)
+    message = str(error.value)
+    assert reason in message and "--data.download_dir" in message and "\n" not in message
+    assert not (tmp_path / "data").exists()  # litgpt would have saved the 404 page as the data set
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,8 @@ LR = 0.01
 ACCUM = 2  # global batch 8 = micro-batch 2 x 2 ranks x 2 micro-batches
 SGD = {"class_path": "torch.optim.SGD", "init_args": {"lr": LR, "momentum": 0.9}}  # step 1: p -= lr * grad
 WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")  # inserted into parameter names by FSDP
+QV_STEPS = 5
+QV_NOTHING_TRAINABLE = (3, 4, 7)  # micro-batches (0-based) with nothing trainable kept: last of step 2, first of 3, ...
 
 
 # ----------------------------------------------------------------------------------------- worker processes
@@ -52,6 +54,10 @@ def worker(case: str, out_dir: Path) -> None:
         if case == "lora" and len(record["masks"]) == 1:
             # the step's last micro-batch drops every branch: backward is skipped, gradients are averaged by hand
             mask = torch.ones_like(mask)
+            handler.set_mask(mask)
+        if case == "lora_qv" and len(record["masks"]) in QV_NOTHING_TRAINABLE:
+            # LoRA on q and v only: keep just the MLP branches, so the loss has no graph (no backward)
+            mask = torch.tensor([g.kind == "attn" for g in handler.gates])
             handler.set_mask(mask)
         record["masks"].append(mask.clone())
         return mask
@@ -105,18 +111,21 @@ def worker(case: str, out_dir: Path) -> None:
     trainer.probe_batch, trainer.compute_sensitivity = recording_probe_batch, recording_sensitivity
     trainer.fit = recording_fit
     if case == "fsdp":
-        trainer.choose_strategy = lambda method, world_size: cpu_fsdp_strategy()
+        trainer.choose_strategy = lambda method, world_size, cuda: cpu_fsdp_strategy()
         # Lightning gathers full state dicts with offload_to_cpu=True, which segfaults in torch's FSDP on CPU
         full.finalize = lambda *args: None
 
-    recipe = lora if case in ("lora", "nan") else full
+    recipe = lora if case in ("lora", "lora_qv", "nan") else full
     extra = {"lora_dropout": 0.0} if recipe is lora else {}
+    if case == "lora_qv":  # litgpt's default LoRA targets, several steps after micro-batches without backward
+        extra.update(lora_key=False, lora_projection=False, lora_mlp=False)
     sensitivity = "grad" if case == "fsdp" else "auto"  # the shards' parts of "grad" add up to one process's
     allocation = "uniform" if case == "nan" else "sensitivity"
+    max_steps = QV_STEPS if case == "lora_qv" else 3
     try:
         recipe.setup(
             out_dir=out_dir, devices=2, data=Builtin(num_samples=64), optimizer=SGD, seed=SEED,
-            train=TrainArgs(global_batch_size=8, micro_batch_size=2, lr_warmup_steps=0, max_steps=3,
+            train=TrainArgs(global_batch_size=8, micro_batch_size=2, lr_warmup_steps=0, max_steps=max_steps,
                             save_interval=None if case == "fsdp" else 3, log_interval=1, min_lr=0.0, max_seq_length=64),
             eval=EvalArgs(interval=1000, max_iters=2, final_validation=False),
             dropbp=DropBPArgs(rate=0.5, sensitivity_at=0.34, sensitivity=sensitivity, allocation=allocation), **extra,
@@ -262,6 +271,18 @@ def test_ddp_lora_ranks_agree_and_step_equals_one_process(tmp_path):
 
 def test_ddp_full_ranks_agree_and_step_equals_one_process(tmp_path):
     check_run("full", tmp_path)
+
+
+def test_ddp_lora_qv_survives_micro_batches_without_backward_mid_run(tmp_path):
+    """The reproducer of a crash at the step after one whose last micro-batch had no backward: DDP kept the
+    parameters used earlier in that step as "used" and failed on their missing gradient in the next step."""
+    ranks = launch("lora_qv", tmp_path)
+    assert len(ranks[0]["masks"]) == QV_STEPS * ACCUM
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["masks"], ranks[1]["masks"]))
+    final = torch.load(tmp_path / "final" / "lit_model.pth.lora", weights_only=True)
+    assert final and all("attn.qkv.lora_" in k for k in final)  # only q and v adapted
+    assert all(torch.isfinite(v).all() for v in final.values())
+    assert torch.load(tmp_path / "step-000003" / "training_state.pth", weights_only=False)["progress"]["step"] == 3
 
 
 def test_a_loss_diverging_on_one_rank_stops_every_rank(tmp_path):

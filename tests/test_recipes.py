@@ -89,6 +89,9 @@ def test_p0_loss_curve_is_deterministic_and_resume_continues_identically(tmp_pat
     lora.setup(**{**fast(broken), **args}, resume="auto")
     resumed = {s: r["loss"] for s, r in logged(broken).items()}
     assert resumed == expected
+    # the branch FLOPs the allocation used travel with the checkpoint: the same drop rate is logged after resuming
+    drop = lambda out: {s: r["drop_rate"] for s, r in logged(out).items()}  # noqa: E731
+    assert drop(broken) == drop(full_run)
 
 
 def run_cli(recipe, argv, monkeypatch, capsys) -> str:
@@ -110,6 +113,10 @@ def test_bad_input_is_one_clear_line(tmp_path, monkeypatch, capsys):
     bad_json.write_text('[{"instruction": "a", "output": "b"}, {"instruction": "c"')
     no_output = tmp_path / "no_output.json"
     no_output.write_text(json.dumps([{"instruction": "a", "output": "b"}] * 4 + [{"instruction": "c"}] * 4))
+    ten = tmp_path / "ten.json"
+    ten.write_text(json.dumps([{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(10)]))
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
     out = ["--out_dir", str(tmp_path / "out")]
     cases = [
         (lora, ["--dropbp.rate", "1.0"], "--dropbp.rate must be in [0, 1)"),
@@ -124,8 +131,77 @@ def test_bad_input_is_one_clear_line(tmp_path, monkeypatch, capsys):
         (lora, ["--train.max_seq_length", "100000"], "above the model's block size 256"),
         (lora, ["--data", "NoSuchData"], "NoSuchData"),
         (qlora, ["--precision", "bf16-mixed"], "QLoRA needs one of --precision"),
+        (lora, ["--dropbp.rate", "0.5", "--dropbp.min_rate", "0.6"], "--dropbp.min_rate 0.6 is above --dropbp.rate"),
+        (lora, ["--dropbp.step", "0"], "--dropbp.step must be in (0, 1]"),
+        (lora, ["--train.micro_batch_size", "0"], "--train.micro_batch_size must be at least 1"),
+        (lora, ["--train.max_tokens", "1000"], "--train.max_tokens is not supported"),
+        (lora, ["--data", "JSON", "--data.json_path", str(ten), "--data.val_split_fraction", "0.05"],
+         "the validation split is empty"),
+        (lora, ["--data", "JSON", "--data.json_path", str(empty), "--data.val_split_fraction", "0.5"],
+         "the training split is empty"),
+        (lora, ["--eval.evaluate_example", "1000"], "--eval.evaluate_example must be first, random or an index"),
     ]
     for recipe, argv, message in cases:
         line = run_cli(recipe, [*argv, *out], monkeypatch, capsys)
         assert message in line, (argv, line)
     assert not (tmp_path / "out" / "final").exists()
+
+
+@pytest.mark.parametrize("targets, kept_kind", [
+    (dict(lora_key=False, lora_projection=False, lora_mlp=False), "mlp"),  # litgpt's default targets: q and v
+    (dict(lora_query=False, lora_key=False, lora_value=False, lora_projection=False), "attn"),  # MLP only
+    (dict(lora_key=False, lora_projection=False, lora_mlp=False, lora_head=True), None),  # head: always a graph
+])
+def test_lora_subsets_train_through_micro_batches_that_keep_nothing_trainable(tmp_path, monkeypatch, targets, kept_kind):
+    """Micro-batches whose kept branches hold no LoRA weight have no graph: backward is skipped for them alone, and
+    an optimizer step made only of such micro-batches leaves those weights (and their Adam state) untouched."""
+    from dropbp import DropBPHandler
+
+    sample, fit, masks, states = DropBPHandler.sample, trainer.fit, [], []
+    forced = {1, 2, 3}  # the last micro-batch of step 1 and both of step 2
+
+    def forcing_sample(handler):
+        mask = sample(handler)
+        mask = torch.tensor([len(masks) in forced and g.kind != kept_kind for g in handler.gates])
+        handler.set_mask(mask)  # the other micro-batches keep every branch
+        masks.append(mask)
+        return mask
+
+    def recording_fit(fabric, method, model, optimizer, *args):
+        snapshot = lambda *_: states.append(  # noqa: E731
+            {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        snapshot()
+        optimizer.optimizer.register_step_post_hook(snapshot)
+        fit(fabric, method, model, optimizer, *args)
+
+    monkeypatch.setattr(DropBPHandler, "sample", forcing_sample)
+    monkeypatch.setattr(trainer, "fit", recording_fit)
+    lora.setup(dropbp=DropBPArgs(rate=0.875, allocation="uniform"), **targets,
+               **fast(tmp_path, max_steps=3, save_interval=None))
+    assert len(masks) == 6 and len(states) == 4
+    changed = lambda a, b: {n for n in a if not torch.equal(a[n], b[n])}  # noqa: E731
+    assert changed(states[0], states[1]) and changed(states[2], states[3])  # ordinary steps train
+    step2 = changed(states[1], states[2])
+    assert step2 == ({n for n in states[1] if "lm_head" in n} if kept_kind is None else set())
+    assert (tmp_path / "final" / "lit_model.pth").is_file()
+
+
+def test_litgpt_options_warmup_fraction_initial_validation_example_and_max_time(tmp_path, capsys):
+    """Options litgpt's recipes honour are honoured here too, not accepted and ignored."""
+    lora.setup(**{**fast(tmp_path, lr_warmup_steps=None, lr_warmup_fraction=0.5, max_steps=4),
+                  "eval": EvalArgs(interval=2, max_iters=2, initial_validation=True, max_new_tokens=5)},
+               optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}})
+    rows = logged(tmp_path)
+    # 56 training samples / micro-batch 2 / accumulation 2 = 14 steps per epoch: warm-up over ceil(0.5 * 14) = 7 steps
+    assert [float(rows[s]["learning_rate"]) for s in (1, 2)] == pytest.approx([0.01 / 7, 0.02 / 7])
+    out = capsys.readouterr().out
+    assert "Initial evaluation | val loss" in out
+    val_rows = [r for p in tmp_path.glob("logs/csv/version_*/metrics.csv") for r in csv.DictReader(open(p))
+                if r.get("val_loss")]
+    assert any(int(float(r["step"])) == 0 for r in val_rows)
+    assert out.count(" -> '") == 2  # an example generated at each of the two validations
+
+    timed = tmp_path / "timed"
+    lora.setup(**fast(timed, max_steps=50, max_time=1e-6))
+    assert sorted(logged(timed)) == [1] and (timed / "final" / "lit_model.pth").is_file()
+    assert "--train.max_time 1e-06s reached after step 1: stopping" in capsys.readouterr().out
