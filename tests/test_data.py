@@ -174,3 +174,23 @@ def test_dolly_malformed_file(tmp_path, line, problem):
     path.write_text(f"{good}\n\n{line}\n{good}\n", encoding="utf-8")
     with pytest.raises(ValueError, match=f"databricks-dolly-15k.jsonl, line 3: {problem}"):
         Dolly(download_dir=tmp_path).setup()
+
+
+def test_dolly_reads_the_published_samples_as_json_lines_and_as_an_array(tmp_path, tokenizer):
+    """The shared sample is a JSON array of real Dolly records; the published file holds the same as JSON Lines."""
+    sample = Path(__file__).resolve().parents[2] / "shared" / "data" / "dolly-sample.json"
+    if not sample.is_file():
+        pytest.skip(f"{sample} is not in this checkout")
+    records = json.loads(sample.read_text())
+    (tmp_path / "array").mkdir()
+    (tmp_path / "array" / "databricks-dolly-15k.jsonl").write_text(sample.read_text())
+    (tmp_path / "lines").mkdir()
+    (tmp_path / "lines" / "databricks-dolly-15k.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    loaded = []
+    for form in ("array", "lines"):
+        data = Dolly(download_dir=tmp_path / form, val_split_fraction=0.25)
+        data.connect(tokenizer, batch_size=2, max_seq_length=64)
+        data.setup()
+        loaded.append(data.train_dataset.data + data.test_dataset.data)
+    assert loaded[0] == loaded[1] and len(loaded[0]) == len(records)
+    assert {e["output"] for e in loaded[0]} == {r["response"] for r in records}

@@ -41,23 +41,31 @@ class Dolly(Alpaca):
 
 
 def load_dolly_jsonl(path: Path) -> list[dict[str, str]]:
-    """Reads Dolly's JSONL records as Alpaca examples: `instruction`, `context`, `response` become
-    `instruction`, `input`, `output`."""
-    examples = []
-    with open(path, encoding="utf-8") as file:
-        for line_number, line in enumerate(file, start=1):
+    """Reads Dolly's records as Alpaca examples: `instruction`, `context`, `response` become `instruction`, `input`,
+    `output`. The published file is JSON Lines; a JSON array of the same records is read too."""
+    text = Path(path).read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            records = list(enumerate(json.loads(text), start=1))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error.msg}, line {error.lineno}).") from None
+        where = "record"
+    else:
+        records = []
+        for line_number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                records.append((line_number, json.loads(line)))
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}, line {line_number}: not valid JSON ({error.msg}).") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}, line {line_number}: expected a JSON object, got {type(record).__name__}.")
-            bad = [key for key in ("instruction", "context", "response") if not isinstance(record.get(key), str)]
-            if bad:
-                raise ValueError(f"{path}, line {line_number}: missing or non-string fields {bad}.")
-            examples.append(
-                {"instruction": record["instruction"], "input": record["context"], "output": record["response"]}
-            )
+        where = "line"
+    examples = []
+    for number, record in records:
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, {where} {number}: expected a JSON object, got {type(record).__name__}.")
+        bad = [key for key in ("instruction", "context", "response") if not isinstance(record.get(key), str)]
+        if bad:
+            raise ValueError(f"{path}, {where} {number}: missing or non-string fields {bad}.")
+        examples.append({"instruction": record["instruction"], "input": record["context"], "output": record["response"]})
     return examples
