@@ -396,7 +396,9 @@ def fit(
         kept |= torch.tensor([not (g.dropped or g.skipped) for g in handler.gates])
 
         t0 = time.perf_counter()
-        with fabric.no_backward_sync(model, enabled=is_accumulating or sync_by_hand):
+        # FSDP reduces every micro-batch: under its no_sync, a block that took part in an unsynchronised micro-batch
+        # but is dropped in the step's last one fails FSDP's final check ("should use `_saved_grad_shard`")
+        with fabric.no_backward_sync(model, enabled=(is_accumulating and not sharded) or sync_by_hand):
             loss = micro_batch_loss(model, batch)
             t1 = sync_time(fabric)
             # No graph when the kept branches hold nothing trainable (LoRA on q and v only, every branch dropped):
