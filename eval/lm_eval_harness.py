@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from lit_gpt.model import GPT
 
+ADAPTER_FILE = "lit_model.pth.adapter_v2"
 PRECISIONS = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
 
 
@@ -55,18 +56,31 @@ def default_precision(device: str) -> str:
 
 
 def load_model(checkpoint_dir: Path, device: torch.device, dtype: torch.dtype) -> GPT:
-    config = Config.from_file(checkpoint_dir / "model_config.yaml")
+    """litgpt's GPT from ``lit_model.pth``; with ``lit_model.pth.adapter_v2`` beside it (an adapter run's
+    ``final/``), the adapter-v2 GPT with those weights added, as litgpt's adapter generation loads it."""
+    adapter = checkpoint_dir / ADAPTER_FILE
+    if adapter.is_file():
+        import lit_gpt.adapter_v2
+
+        config_class, gpt_class = lit_gpt.adapter_v2.Config, lit_gpt.adapter_v2.GPT
+    else:
+        config_class, gpt_class = Config, GPT
+    config = config_class.from_file(checkpoint_dir / "model_config.yaml")
     # build without memory, then allocate every weight once, directly on the device and in the target dtype
     with torch.device("meta"):
-        model = GPT(config)
+        model = gpt_class(config)
     model = model.to(dtype).to_empty(device=device)
     state_dict = lazy_load(checkpoint_dir / "lit_model.pth")
-    missing, unexpected = model.load_state_dict(state_dict.get("model", state_dict), strict=False)
+    state_dict = dict(state_dict.get("model", state_dict))
+    if adapter.is_file():
+        adapter_state = lazy_load(adapter)
+        state_dict.update(adapter_state.get("model", adapter_state))
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
         raise CheckpointError(
             f"{checkpoint_dir / 'lit_model.pth'} does not fit model_config.yaml: {len(missing)} weights missing and"
             f" {len(unexpected)} unexpected (e.g. {', '.join((missing + unexpected)[:2])}); expected litgpt's plain"
-            " GPT state dict, with any LoRA or adapter weights merged in"
+            " GPT state dict, with any LoRA weights merged in (or an adapter run's final/)"
         )
     model.reset_parameters()  # the RoPE cache is not in the state dict: compute it on the real device
     return model.to(dtype).eval()

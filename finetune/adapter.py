@@ -1,5 +1,7 @@
 """Adapter (v2) fine-tuning with DropBP.  Example: python finetune/adapter.py --dropbp.rate 0.875"""
 
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -15,10 +17,20 @@ from lit_gpt.adapter_v2 import GPT, Config, mark_only_adapter_v2_as_trainable
 
 
 def finalize(fabric, model, checkpoint_dir: Path, final_dir: Path) -> None:
-    """Like litgpt: the adapter weights alone, used with the base model, e.g.
-    ``python -m litgpt.generate.adapter_v2 --checkpoint_dir <base> --adapter_path final/lit_model.pth.adapter_v2``."""
+    """Like litgpt, the adapter weights alone (``lit_model.pth.adapter_v2``), plus the base weights beside them
+    (``lit_model.pth``, hard-linked when possible), so that ``final/`` is complete on its own:
+    ``litgpt generate_adapter_v2 --checkpoint_dir final --adapter_path final/lit_model.pth.adapter_v2`` and
+    ``eval/evaluate.py --checkpoint_dir final`` work on it."""
     trainable = trainer.trainable_names(model)
     trainer.save_weights(fabric, model, final_dir / "lit_model.pth.adapter_v2", keep=lambda name: name in trainable)
+    if fabric.global_rank == 0:
+        base, target = checkpoint_dir / "lit_model.pth", final_dir / "lit_model.pth"
+        target.unlink(missing_ok=True)
+        try:
+            os.link(base, target)
+        except OSError:  # another file system
+            shutil.copyfile(base, target)
+    fabric.barrier()
 
 
 def setup(
@@ -36,6 +48,7 @@ def setup(
     logger_name: Literal["csv", "tensorboard"] = "csv",
     seed: int = 1337,
     resume: Union[bool, Literal["auto"], Path] = False,
+    overwrite: bool = False,
 ) -> None:
     """Adapter v2 fine-tuning with DropBP.
 
@@ -54,6 +67,7 @@ def setup(
         logger_name: csv or tensorboard.
         seed: seed of data order, initialisation and dropout.
         resume: continue from the latest checkpoint in out_dir ("auto") or from a given one.
+        overwrite: replace a run already in out_dir (otherwise refused, so that no run is lost).
     """
     method = trainer.Method(
         name="adapter_v2",
@@ -63,7 +77,7 @@ def setup(
         finalize=finalize,
     )
     trainer.run(method, checkpoint_dir, out_dir, precision, devices, num_nodes, data, train, eval, dropbp, pld,
-                optimizer, logger_name, seed, resume)
+                optimizer, logger_name, seed, resume, overwrite)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ def setup(
     logger_name: Literal["csv", "tensorboard"] = "csv",
     seed: int = 1337,
     resume: Union[bool, Literal["auto"], Path] = False,
+    overwrite: bool = False,
 ) -> None:
     """Full fine-tuning: every parameter trains; DropBP drops backward through residual branches.
 
@@ -52,6 +53,7 @@ def setup(
         logger_name: csv or tensorboard.
         seed: seed of data order, initialisation and dropout.
         resume: continue from the latest checkpoint in out_dir ("auto") or from a given one.
+        overwrite: replace a run already in out_dir (otherwise refused, so that no run is lost).
     """
     method = trainer.Method(
         name="full",
@@ -62,7 +64,7 @@ def setup(
         full=True,
     )
     trainer.run(method, checkpoint_dir, out_dir, precision, devices, num_nodes, data, train, eval, dropbp, pld,
-                optimizer, logger_name, seed, resume)
+                optimizer, logger_name, seed, resume, overwrite)
 
 
 if __name__ == "__main__":

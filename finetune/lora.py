@@ -49,6 +49,7 @@ def lora_method(name: str, r: int, alpha: int, dropout: float, targets: dict, **
         config=lambda d: lora_config(d, r, alpha, dropout, targets),
         mark_trainable=mark_only_lora_as_trainable,
         finalize=finalize,
+        options={"lora_r": r, "lora_alpha": alpha, "lora_dropout": dropout, **targets, **extra},
         **extra,
     )
 
@@ -77,6 +78,7 @@ def setup(
     logger_name: Literal["csv", "tensorboard"] = "csv",
     seed: int = 1337,
     resume: Union[bool, Literal["auto"], Path] = False,
+    overwrite: bool = False,
 ) -> None:
     """LoRA fine-tuning (the paper's setting: r=8, alpha=16 on every linear layer) with DropBP.
 
@@ -104,12 +106,13 @@ def setup(
         logger_name: csv or tensorboard.
         seed: seed of data order, initialisation and dropout.
         resume: continue from the latest checkpoint in out_dir ("auto") or from a given one.
+        overwrite: replace a run already in out_dir (otherwise refused, so that no run is lost).
     """
     targets = dict(lora_query=lora_query, lora_key=lora_key, lora_value=lora_value, lora_projection=lora_projection,
                    lora_mlp=lora_mlp, lora_head=lora_head)
     method = lora_method("lora", lora_r, lora_alpha, lora_dropout, targets)
     trainer.run(method, checkpoint_dir, out_dir, precision, devices, num_nodes, data, train, eval, dropbp, pld,
-                optimizer, logger_name, seed, resume)
+                optimizer, logger_name, seed, resume, overwrite)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ def setup(
     logger_name: Literal["csv", "tensorboard"] = "csv",
     seed: int = 1337,
     resume: Union[bool, Literal["auto"], Path] = False,
+    overwrite: bool = False,
 ) -> None:
     """QLoRA fine-tuning with DropBP (one device: bitsandbytes quantization is single-device in litgpt too).
 
@@ -71,12 +72,13 @@ def setup(
         logger_name: csv or tensorboard.
         seed: seed of data order, initialisation and dropout.
         resume: continue from the latest checkpoint in out_dir ("auto") or from a given one.
+        overwrite: replace a run already in out_dir (otherwise refused, so that no run is lost).
     """
     targets = dict(lora_query=lora_query, lora_key=lora_key, lora_value=lora_value, lora_projection=lora_projection,
                    lora_mlp=lora_mlp, lora_head=lora_head)
     method = lora_method("qlora", lora_r, lora_alpha, lora_dropout, targets, quantize=quantize)
     trainer.run(method, checkpoint_dir, out_dir, precision, devices, 1, data, train, eval, dropbp, pld,
-                optimizer, logger_name, seed, resume)
+                optimizer, logger_name, seed, resume, overwrite)
 
 if __name__ == "__main__":
     trainer.cli(setup)

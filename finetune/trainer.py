@@ -5,26 +5,30 @@ DropBP handler, `fit` trains (uniform rates until `sensitivity_at`, then the sen
 and the method's `finalize` writes `final/` (LoRA merged into `lit_model.pth` like litgpt).
 """
 
+import inspect
 import json
 import math
 import os
 import random
+import shutil
+import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional, get_args, get_origin
 
 import lightning as L
 import torch
-from jsonargparse import CLI
+import yaml
+from jsonargparse import CLI, set_parsing_settings
 from lightning.fabric.plugins import BitsandbytesPrecision
 from lightning.fabric.strategies import DDPStrategy, FSDPStrategy
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.config import Config
 from litgpt.data import DataModule
 from litgpt.model import Block
-from litgpt.prompts import save_prompt_style
+from litgpt.prompts import PromptStyle, prompt_styles, save_prompt_style
 from litgpt.tokenizer import Tokenizer
 from litgpt.utils import (
     CycleIterator,
@@ -63,6 +67,7 @@ class Method:
     finalize: Callable[[L.Fabric, torch.nn.Module, Path, Path], None]  # (fabric, model, checkpoint_dir, final_dir)
     full: bool = False  # full fine-tuning: every parameter trains
     quantize: Optional[str] = None  # QLoRA: the 4-bit format of the frozen base ("bnb.nf4", ...)
+    options: dict = field(default_factory=dict)  # the recipe's own options (LoRA rank, targets, ...), recorded
 
 
 def default_train_args() -> TrainArgs:
@@ -77,22 +82,66 @@ def default_eval_args() -> EvalArgs:
     return EvalArgs(interval=50, max_new_tokens=50, max_iters=20)
 
 
+class Interrupted(Exception):
+    """Ctrl-C, after the training state was saved: one line and exit status 130."""
+
+
+EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED = 2, 3, 130
+
+
 def cli(setup: Callable) -> None:
-    """jsonargparse CLI around a recipe's `setup`; bad input becomes one line on stderr and exit status 2."""
+    """jsonargparse CLI around a recipe's `setup`. Every failure is one line on stderr with its own exit status:
+    2 bad input (arguments, files, data), 3 a failure while running (torch, out of memory, ...), 130 Ctrl-C.
+    DROPBP_TRACEBACK=1 shows the traceback of a failure instead."""
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # --help shows the dataclass fields' descriptions
     try:
+        check_choices(setup, sys.argv[1:])
         CLI(setup)
     except (UsageError, ValueError, FileNotFoundError) as e:
-        for bar in list(tqdm._instances):  # an open progress bar would be drawn again at exit, after the message
-            bar.close()
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+        fail(f"error: {e}", EXIT_BAD_INPUT)
+    except Interrupted as e:
+        fail(f"interrupted: {e}", EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        fail("interrupted", EXIT_INTERRUPTED)
+    except Exception as e:
+        if os.environ.get("DROPBP_TRACEBACK"):
+            raise
+        fail(f"error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+             " (DROPBP_TRACEBACK=1 shows the traceback)", EXIT_FAILED)
+
+
+def fail(message: str, status: int) -> None:
+    for bar in list(tqdm._instances):  # an open progress bar would be drawn again at exit, after the message
+        bar.close()
+    print(message, file=sys.stderr)
+    raise SystemExit(status)
+
+
+def check_choices(setup: Callable, argv: list) -> None:
+    """Refuse a bad value of a choice option (a ``Literal``) naming the valid ones: jsonargparse 4.41 reports only
+    "Cannot take a Union of no types"."""
+    choices = {}
+    for name, param in inspect.signature(setup).parameters.items():
+        if get_origin(param.annotation) is Literal:
+            choices[f"--{name}"] = get_args(param.annotation)
+        if is_dataclass(param.default):
+            for f in fields(param.default):
+                if get_origin(f.type) is Literal:
+                    choices[f"--{name}.{f.name}"] = get_args(f.type)
+    for i, arg in enumerate(argv):
+        key, _, value = arg.partition("=")
+        if key in choices and not _:
+            value = argv[i + 1] if i + 1 < len(argv) else None
+        if key in choices and value not in choices[key]:
+            raise UsageError(f"{key} must be one of {', '.join(map(str, choices[key]))}, got {value!r}")
 
 
 # ------------------------------------------------------------------------------------------------ set-up
 def resolve_checkpoint_dir(checkpoint_dir: Optional[Path]) -> Path:
     if checkpoint_dir is None:
         checkpoint_dir = ensure_tiny_checkpoint()
-        print(TINY_MODEL_NOTE)
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # once, not once per process
+            print(TINY_MODEL_NOTE)
         return checkpoint_dir
     checkpoint_dir = Path(checkpoint_dir).expanduser().resolve()
     if not checkpoint_dir.is_dir():
@@ -157,12 +206,17 @@ def run(
     logger_name: str,
     seed: int,
     resume: bool | str | Path,
+    overwrite: bool = False,
 ) -> None:
+    check_args(train, dropbp, pld, devices, num_nodes)
     builtin_model = checkpoint_dir is None
     checkpoint_dir = resolve_checkpoint_dir(checkpoint_dir)
+    if data is None and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        print(f"No --data given: using {'the built-in data (--data Builtin)' if builtin_model else 'Alpaca'}")
     data = (Builtin() if builtin_model else Alpaca()) if data is None else data
-    check_args(train, dropbp, pld, devices, num_nodes)
     out_dir = Path(out_dir).expanduser().resolve()
+    record = run_record(method, checkpoint_dir, out_dir, precision, devices, num_nodes, data, train, eval, dropbp,
+                        pld, optimizer, logger_name, seed)
     fabric_args, quantize_base = launch_plan(method, precision, devices, num_nodes)
     config = method.config(checkpoint_dir)
     if train.max_seq_length is not None and train.max_seq_length > config.block_size:
@@ -172,7 +226,95 @@ def run(
     logger = choose_logger(logger_name, out_dir, name=f"finetune-{method.name}-{config.name}", log_interval=1)
     fabric = L.Fabric(**fabric_args, loggers=logger)
     fabric.launch(main, method, config, checkpoint_dir, out_dir, data, train, eval, dropbp, pld, optimizer, seed, resume,
-                  quantize_base)
+                  quantize_base, record, overwrite)
+
+
+# ------------------------------------------------------------------------------------------------ out_dir
+LOCK = "run.lock"
+RECORD = "hyperparameters.yaml"  # litgpt's name: its tools (merge_lora) read the LoRA options from it
+RESUME_MUST_MATCH = ("method", "dropbp", "pld")  # options a resumed run may not change
+
+
+def run_record(method, checkpoint_dir, out_dir, precision, devices, num_nodes, data, train, eval, dropbp, pld,
+               optimizer, logger_name, seed) -> dict:
+    """The options of a run, as a recipe's ``--config`` file (``python finetune/lora.py --config
+    out/.../hyperparameters.yaml`` repeats it) plus the method's name."""
+    data_args = {f.name: getattr(data, f.name) for f in fields(data) if f.init} if is_dataclass(data) else {}
+    record = {
+        "method": {"name": method.name, **method.options},
+        "checkpoint_dir": str(checkpoint_dir), "out_dir": str(out_dir), "precision": precision, "devices": devices,
+        "num_nodes": num_nodes,
+        "data": {"class_path": f"{type(data).__module__}.{type(data).__qualname__}", "init_args": data_args},
+        "train": asdict(train), "eval": asdict(eval), "dropbp": asdict(dropbp), "pld": asdict(pld),
+        "optimizer": optimizer, "logger_name": logger_name, "seed": seed,
+    }
+    return plain(record)
+
+
+def plain(value):
+    """YAML-safe copy: paths and prompt styles as strings."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, PromptStyle):
+        return next((name for name, cls in prompt_styles.items() if type(value) is cls), type(value).__name__)
+    return str(value)
+
+
+def write_record(record: dict, folder: Path) -> None:
+    """``hyperparameters.yaml`` (the recipe's options; the method's under ``method``)."""
+    options = {k: v for k, v in record.items() if k != "method"}
+    options.update({k: v for k, v in record.get("method", {}).items() if k != "name"})
+    atomic_write_text(folder / RECORD, yaml.safe_dump(options, sort_keys=False))
+
+
+def check_resumed_options(saved: Optional[dict], current: dict, path: Path) -> None:
+    """Resuming with other DropBP, PLD or method options would silently train with the saved ones: refuse."""
+    if saved is None:  # a checkpoint from before options were recorded
+        return
+    changed = [
+        f"{group}.{key} {saved[group].get(key)!r} -> {value!r}"
+        for group in RESUME_MUST_MATCH for key, value in current.get(group, {}).items()
+        if saved.get(group, {}).get(key) != value
+    ]
+    if changed:
+        raise UsageError(f"--resume: {path} was trained with other options ({'; '.join(changed)}): resume with the"
+                         " saved ones, or start a new run in another --out_dir")
+
+
+def claim_out_dir(out_dir: Path, resume, overwrite: bool) -> Optional[str]:
+    """Take ``out_dir`` for this run, or say why not (one line). A lock file marks a running run; a finished or
+    checkpointed run is kept unless ``--resume`` continues it or ``--overwrite true`` replaces it."""
+    lock = out_dir / LOCK
+    if lock.is_file():
+        owner = lock.read_text().split()
+        alive = len(owner) == 2 and owner[0] == socket.gethostname() and pid_alive(int(owner[1]))
+        if alive or (len(owner) == 2 and owner[0] != socket.gethostname()):
+            return f"{out_dir} is in use by a running run (pid {owner[1]} on {owner[0]}; {lock})"
+    previous = [p.name for p in sorted(out_dir.glob("step-*")) + [out_dir / "final"] if p.exists()]
+    if previous and resume in (False, "false", "False", None):
+        if not overwrite:
+            return (f"{out_dir} already holds a run ({', '.join(previous[-3:])}): pass --resume auto to continue it,"
+                    " --overwrite true to replace it, or another --out_dir")
+        for name in previous + ["logs", "dropbp_allocation.json", "dropbp_allocation.png", RECORD]:
+            target = out_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock.write_text(f"{socket.gethostname()} {os.getpid()}")
+    return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # --------------------------------------------------------------------------------------------- GPU or CPU
@@ -231,7 +373,24 @@ def main(
     seed: int,
     resume: bool | str | Path,
     quantize_base: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None,
+    record: Optional[dict] = None,
+    overwrite: bool = False,
 ) -> None:
+    problem = claim_out_dir(out_dir, resume, overwrite) if fabric.global_rank == 0 else None
+    problem = fabric.broadcast(problem, src=0)
+    if problem:
+        raise UsageError(problem)
+    try:
+        train_in(fabric, method, config, checkpoint_dir, out_dir, data, train, eval, dropbp, pld, optimizer_spec,
+                 seed, resume, quantize_base, record or {})
+    finally:
+        if fabric.global_rank == 0:
+            (out_dir / LOCK).unlink(missing_ok=True)
+
+
+def train_in(fabric, method, config, checkpoint_dir, out_dir, data, train, eval, dropbp, pld, optimizer_spec, seed,
+             resume, quantize_base, record) -> None:
+    """Everything of a run once its out_dir is claimed (`main` releases the claim however this ends)."""
     fabric.seed_everything(seed)  # before the dataloaders: Fabric's DistributedSampler takes its shuffling seed from it
     tokenizer = Tokenizer(checkpoint_dir)
     data.connect(tokenizer=tokenizer, batch_size=train.micro_batch_size, max_seq_length=train.max_seq_length)
@@ -250,7 +409,7 @@ def main(
     with fabric.init_module(empty_init=empty_init):
         model = method.gpt_class(config)
     if not load_after_setup:
-        state = torch.load(checkpoint_dir / "lit_model.pth", map_location="cpu", mmap=True, weights_only=True)
+        state = load_checkpoint_file(checkpoint_dir / "lit_model.pth")
         model.load_state_dict(state.get("model", state), strict=False)
     method.mark_trainable(model)
     if quantize_base is not None:  # QLoRA on CPU: after the weights are in (4-bit state dicts differ)
@@ -278,9 +437,10 @@ def main(
     base_lr = optimizer.param_groups[0]["lr"]  # the schedule's peak; read before a resumed state overwrites it
 
     progress = {"step": 0, "iter": 0, "best_val": None}
-    resume_path = find_resume_path(out_dir, resume)
+    resume_path = find_resume_path(out_dir, resume, fabric.print)
     if resume_path is not None:
         restored = fabric.load(resume_path, {"model": model, "optimizer": optimizer}, strict=False)
+        check_resumed_options(restored.get("record"), record, resume_path)
         progress.update(restored["progress"])
         handler.load_state_dict(restored["dropbp"])
         if pld_handler is not None:
@@ -298,13 +458,12 @@ def main(
     else:  # a quick check that validation works, so a problem shows now and not after training
         validate(fabric, model, val_loader, 2, pld_handler)
     example = Example(tokenizer, data, eval)
+    if fabric.global_rank == 0:
+        write_record(record, out_dir)
     fit(fabric, method, model, optimizer, handler, pld_handler, train_loader, val_loader, data, train, eval,
-        dropbp, out_dir, accum, max_steps, base_lr, progress, restored_rng, example)
+        dropbp, out_dir, accum, max_steps, base_lr, progress, restored_rng, example, record)
 
-    if eval.final_validation:
-        val_loss = validate(fabric, model, val_loader, len(val_loader), pld_handler)
-        fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, step=progress["iter"])
-        fabric.print(f"Final evaluation | val loss: {val_loss:.3f} | val ppl: {math.exp(val_loss):.3f}")
+    # the model is saved before the final validation, so that nothing trained is lost to an error there
     final_dir = out_dir / "final"
     if fabric.global_rank == 0:
         final_dir.mkdir(parents=True, exist_ok=True)
@@ -313,8 +472,13 @@ def main(
     if fabric.global_rank == 0:
         copy_config_files(checkpoint_dir, final_dir)
         save_prompt_style(data.prompt_style, final_dir)
+        write_record(record, final_dir)
     fabric.barrier()
     fabric.print(f"Saved the fine-tuned model to {final_dir}")
+    if eval.final_validation:
+        val_loss = validate(fabric, model, val_loader, len(val_loader), pld_handler)
+        fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, step=progress["step"])
+        fabric.print(f"Final evaluation | val loss: {val_loss:.3f} | val ppl: {math.exp(val_loss):.3f}")
 
 
 def prepare_data(data: DataModule) -> None:
@@ -358,9 +522,30 @@ def validation_split(data: DataModule):
 # -------------------------------------------------------------------------------------------------- fit
 def fit(
     fabric, method, model, optimizer, handler, pld_handler, train_loader, val_loader, data, train, eval, dropbp,
-    out_dir, accum, max_steps, base_lr, progress, restored_rng, example,
+    out_dir, accum, max_steps, base_lr, progress, restored_rng, example, record,
 ) -> None:
-    steps_per_epoch = max(1, len(train_loader) // accum)
+    train_iter = CycleIterator(train_loader)
+    for _ in range(progress["iter"]):  # resume: replay the data order up to where the saved run stopped
+        next(train_iter)
+    if restored_rng is not None:
+        set_rng_state(restored_rng)
+
+    bar = tqdm(total=max_steps if math.isfinite(max_steps) else None, initial=progress["step"],
+               disable=fabric.global_rank != 0, desc=f"{method.name} p={dropbp.rate}", dynamic_ncols=True)
+    write = bar.write if fabric.global_rank == 0 else (lambda line: None)  # below the bar, once
+    state = training_state(handler, pld_handler, progress)  # as of the last completed step, for a save on Ctrl-C
+    try:
+        train_steps(fabric, method, model, optimizer, handler, pld_handler, train_iter, val_loader, train, eval, dropbp,
+                    out_dir, accum, max_steps, base_lr, progress, example, record, bar, write, state)
+    except KeyboardInterrupt:
+        bar.close()
+        raise Interrupted(save_on_interrupt(fabric, model, optimizer, state, record, out_dir)) from None
+    bar.close()
+
+
+def train_steps(fabric, method, model, optimizer, handler, pld_handler, train_iter, val_loader, train, eval, dropbp,
+                out_dir, accum, max_steps, base_lr, progress, example, record, bar, write, state) -> None:
+    steps_per_epoch = max(1, len(train_iter.iterable) // accum)
     warmup = math.ceil(train.lr_warmup_fraction * steps_per_epoch) if train.lr_warmup_fraction else (
         train.lr_warmup_steps or 0)  # litgpt: a fraction of an epoch, or a number of optimizer steps
     max_time = train.max_time or math.inf  # seconds of wall time since training started, as litgpt
@@ -370,16 +555,7 @@ def fit(
     sharded = isinstance(fabric.strategy, FSDPStrategy)
     sync_by_hand = fabric.world_size > 1 and not sharded
     metric = dropbp.sensitivity if dropbp.sensitivity != "auto" else ("gradnorm" if method.full else "grad")
-    probe = probe_batch(train_loader, dropbp.probe_batch_size or train.micro_batch_size, fabric)
-
-    train_iter = CycleIterator(train_loader)
-    for _ in range(progress["iter"]):  # resume: replay the data order up to where the saved run stopped
-        next(train_iter)
-    if restored_rng is not None:
-        set_rng_state(restored_rng)
-
-    bar = tqdm(total=max_steps if math.isfinite(max_steps) else None, initial=progress["step"],
-               disable=fabric.global_rank != 0, desc=f"{method.name} p={dropbp.rate}", dynamic_ncols=True)
+    probe = probe_batch(train_iter.iterable, dropbp.probe_batch_size or train.micro_batch_size, fabric)
     window = {"loss": 0.0, "fw": 0.0, "bw": 0.0, "drop": 0.0, "n": 0}
     kept = torch.zeros(len(handler.gates), dtype=torch.bool)  # branches back-propagated in this optimizer step
     step_t0 = fit_t0 = time.perf_counter()
@@ -449,24 +625,24 @@ def fit(
 
         if needs_allocation and not handler.allocated and allocate_at is not None and progress["step"] >= allocate_at:
             t_alloc = time.perf_counter()
-            allocate(fabric, model, handler, probe, dropbp, metric, out_dir, progress["step"])
+            allocate(fabric, model, handler, probe, dropbp, metric, out_dir, progress["step"], write)
             compensate_lr(optimizer, handler, enabled=dropbp.lr_compensation, accum=accum)
             fabric.log_dict({"sensitivity_time": time.perf_counter() - t_alloc}, step=progress["step"])
         if progress["step"] % eval.interval == 0:
             val_loss = validate(fabric, model, val_loader, eval.max_iters, pld_handler)
             fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, step=progress["step"])
-            bar.write(f"step {progress['step']}: val loss {val_loss:.4f}")
-            example.generate(fabric, model, bar.write)
+            write(f"step {progress['step']}: val loss {val_loss:.4f}")
+            example.generate(fabric, model, write)
+        state.update(training_state(handler, pld_handler, progress))
         if train.save_interval is not None and progress["step"] % train.save_interval == 0:
-            save_training_state(fabric, model, optimizer, handler, pld_handler, progress, out_dir)
+            save_training_state(fabric, model, optimizer, state, record, out_dir)
         out_of_time = time.perf_counter() - fit_t0 > max_time
         if math.isfinite(max_time) and fabric.world_size > 1:  # every rank stops after the same step
             out_of_time = bool(fabric.all_reduce(torch.tensor(float(out_of_time)), reduce_op="max").item())
         if out_of_time:
-            bar.write(f"--train.max_time {train.max_time:g}s reached after step {progress['step']}: stopping")
+            write(f"--train.max_time {train.max_time:g}s reached after step {progress['step']}: stopping")
             break
         step_t0 = time.perf_counter()  # validation and saving are not training time
-    bar.close()
 
 
 def average_gradients(fabric, params) -> None:
@@ -530,7 +706,7 @@ def probe_batch(train_loader, size: int, fabric) -> dict:
     return {k: v.to(fabric.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def allocate(fabric, model, handler, probe, dropbp, metric, out_dir, step: int) -> None:
+def allocate(fabric, model, handler, probe, dropbp, metric, out_dir, step: int, write=print) -> None:
     t0 = time.perf_counter()
     sync_by_hand = fabric.world_size > 1 and not isinstance(fabric.strategy, FSDPStrategy)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -561,7 +737,7 @@ def allocate(fabric, model, handler, probe, dropbp, metric, out_dir, step: int) 
     rates = fabric.broadcast(rates, src=0)  # one allocation everywhere, even if rounding split a tie differently
     handler.set_rates(rates)
     handler.allocated = True
-    fabric.print(
+    write(
         f"Sensitivity pass ({metric}, {len(handler.gates)} branches, {time.perf_counter() - t0:.1f}s): rates"
         f" re-allocated, FLOPs-weighted mean {handler.mean_rate:.3f} (target {dropbp.rate})"
     )
@@ -677,36 +853,70 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_training_state(fabric, model, optimizer, handler, pld_handler, progress, out_dir) -> None:
-    """Everything `--resume` needs, written to a temporary name and renamed, so a kill never leaves a torn file."""
-    path = out_dir / f"step-{progress['step']:06d}" / "training_state.pth"
+def training_state(handler, pld_handler, progress) -> dict:
+    """What `--resume` needs besides the model and optimizer, as of now (the end of a completed step)."""
+    return {"progress": dict(progress), "dropbp": handler.state_dict(),
+            "pld": pld_handler.state_dict() if pld_handler is not None else None, "rng": get_rng_state()}
+
+
+def save_training_state(fabric, model, optimizer, state: dict, record: dict, out_dir: Path) -> Path:
+    """Everything `--resume` needs, written to a temporary name and renamed, so a kill never leaves a torn file;
+    the run's options beside it (``hyperparameters.yaml``) and inside it (resuming with other options is refused)."""
+    path = out_dir / f"step-{state['progress']['step']:06d}" / "training_state.pth"
     tmp = path.with_name(path.name + ".tmp")
     if fabric.global_rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
+        write_record(record, path.parent)
     fabric.barrier()
     trainable = trainable_names(model)
-    state = {
-        "model": model, "optimizer": optimizer, "progress": dict(progress), "dropbp": handler.state_dict(),
-        "pld": pld_handler.state_dict() if pld_handler is not None else None, "rng": get_rng_state(),
-    }
-    fabric.save(tmp, state, filter={"model": lambda name, _: name in trainable})
+    fabric.save(tmp, {"model": model, "optimizer": optimizer, "record": record, **state},
+                filter={"model": lambda name, _: name in trainable})
     if fabric.global_rank == 0:
         os.replace(tmp, path)
     fabric.barrier()
+    return path
 
 
-def find_resume_path(out_dir: Path, resume: bool | str | Path) -> Optional[Path]:
+def save_on_interrupt(fabric, model, optimizer, state: dict, record: dict, out_dir: Path) -> str:
+    """Ctrl-C: save the last completed step (one process; several processes each get the signal at a different
+    point, so a collective save could hang) and say how to continue."""
+    step = state["progress"]["step"]
+    saved = out_dir / f"step-{step:06d}" / "training_state.pth"
+    if fabric.world_size == 1 and step > 0 and not saved.is_file():
+        saved = save_training_state(fabric, model, optimizer, state, record, out_dir)
+    if saved.is_file():
+        return f"{saved} holds step {step}; continue with --resume auto"
+    return "nothing saved yet" if step == 0 else f"steps since the last checkpoint are lost (step {step})"
+
+
+def find_resume_path(out_dir: Path, resume: bool | str | Path, warn: Callable[[str], None] = print) -> Optional[Path]:
+    """The checkpoint to resume from. ``auto``: the latest that loads; a torn or corrupt one is skipped with a
+    warning (the previous intact one is used), and an out_dir with none starts from scratch, said so."""
     if resume is False or resume in ("false", "False", None):
         return None
     if resume is True or resume == "auto":
-        saved = sorted(out_dir.glob("step-*/training_state.pth"))
-        return saved[-1] if saved else None
+        for path in sorted(out_dir.glob("step-*/training_state.pth"), reverse=True):
+            try:
+                torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+                return path
+            except Exception as e:  # torn zip, truncated pickle, ...
+                warn(f"warning: {path} cannot be read ({type(e).__name__}); trying the previous checkpoint")
+        warn(f"--resume auto: no checkpoint in {out_dir}, starting from scratch")
+        return None
     path = Path(resume).expanduser().resolve()
     if path.is_dir():
         path = path / "training_state.pth"
     if not path.is_file():
         raise UsageError(f"--resume {resume}: no training_state.pth there")
     return path
+
+
+def load_checkpoint_file(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise UsageError(f"{path} cannot be read as a litgpt checkpoint ({type(e).__name__}): re-download or"
+                         " re-convert it") from None
 
 
 def trainable_names(model) -> set:

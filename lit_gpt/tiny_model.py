@@ -26,7 +26,7 @@ TINY_MODEL_NAME = "dropbp-tiny-llama"
 DEFAULT_TINY_CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "checkpoints" / TINY_MODEL_NAME
 TINY_MODEL_NOTE = (
     f"No --checkpoint_dir given: using the built-in tiny LLaMA-architecture model at {DEFAULT_TINY_CHECKPOINT_DIR}"
-    " (random init, local tokenizer) and built-in data. For a real model: litgpt download meta-llama/Llama-2-7b-hf,"
+    " (random init, local tokenizer). For a real model: litgpt download meta-llama/Llama-2-7b-hf,"
     " then pass --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf"
 )
 CHECKPOINT_FILES = ("lit_model.pth", "model_config.yaml", "tokenizer.json", "tokenizer_config.json")

@@ -447,3 +447,28 @@ def test_fine_tuned_builtin_model_beats_its_untrained_start(checkpoint_dir, tmp_
         perplexity[run] = results["results"]["builtin_qa_loglik"]["perplexity,none"]
         assert "exact_match,none" in results["results"]["builtin_qa"]
     assert perplexity["fine-tuned"] < perplexity["untrained"] / 2
+
+
+def test_an_adapter_runs_final_dir_evaluates_with_its_adapter(checkpoint_dir, tmp_path):
+    """An adapter run's final/ holds the base weights beside the adapter's: the evaluated model is base + adapter
+    (the adapter-v2 GPT), not the base alone."""
+    import lit_gpt.adapter_v2
+    from finetune import adapter
+
+    adapter.setup(
+        checkpoint_dir=checkpoint_dir, out_dir=tmp_path / "adapter", data=Builtin(num_samples=64),
+        train=TrainArgs(max_steps=3, global_batch_size=4, micro_batch_size=4, lr_warmup_steps=1, save_interval=None),
+        eval=EvalArgs(interval=1000, max_iters=1, final_validation=False),
+        optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.05}},
+    )
+    final = tmp_path / "adapter" / "final"
+    lm = LitGPTLM.from_checkpoint(final, device="cpu", precision="32-true")
+    assert isinstance(lm.model, lit_gpt.adapter_v2.GPT)
+    expected = lit_gpt.adapter_v2.GPT(lit_gpt.adapter_v2.Config.from_file(final / "model_config.yaml"))
+    trained = torch.load(final / "lit_model.pth.adapter_v2")
+    assert any(v.abs().sum() > 0 for k, v in trained.items() if "adapter_bias" in k)  # the adapter learned something
+    expected.load_state_dict({**torch.load(checkpoint_dir / "lit_model.pth"), **trained})
+    x = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.no_grad():
+        assert torch.equal(lm.model(x), expected.eval()(x))
+        assert not torch.equal(lm.model(x), LitGPTLM.from_checkpoint(checkpoint_dir, device="cpu").model(x))

@@ -76,13 +76,13 @@ def test_p0_loss_curve_is_deterministic_and_resume_continues_identically(tmp_pat
     broken = tmp_path / "interrupted"
     save = trainer.save_training_state
 
-    def save_then_die(*a, **k):
+    def save_then_die(*a, **k):  # Ctrl-C right after the save of step 4
         save(*a, **k)
-        if a[5]["step"] == 4:
+        if a[3]["progress"]["step"] == 4:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(trainer, "save_training_state", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(trainer.Interrupted, match="step-000004/training_state.pth holds step 4; continue with"):
         lora.setup(**{**fast(broken), **args})
     monkeypatch.setattr(trainer, "save_training_state", save)
     assert not (broken / "final").exists()
