@@ -34,6 +34,10 @@ class InputError(Exception):
     """A command-line value that cannot be evaluated; the message says why."""
 
 
+class EvaluationError(Exception):
+    """A failure while evaluating (a data set that cannot be fetched, ...); the message says why."""
+
+
 def split_tasks(tasks: str) -> tuple[Optional[Preset], list[str], list[Path]]:
     """--tasks as (preset, lm-eval task names, local task YAML files or directories)."""
     items = [item.strip() for item in tasks.split(",") if item.strip()]
@@ -124,21 +128,18 @@ def main(
     selected = names + [name for path in paths for name in tasks_in_path(task_manager, path)]
 
     lm = LitGPTLM.from_checkpoint(checkpoint_dir, batch_size=batch_size, device=device, precision=precision)
-    results = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=selected,
-        num_fewshot=preset.num_fewshot if preset and num_fewshot is None else num_fewshot,
-        limit=limit,
-        batch_size=batch_size,
-        device=device,
-        task_manager=task_manager,
-        log_samples=False,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
+    try:
+        results = evaluate(lm, selected, preset, num_fewshot, limit, batch_size, device, task_manager, seed)
+    except (OSError, RuntimeError, ConnectionError) as error:
+        if not names:
+            raise
+        # lm-eval fetches its tasks' data sets from the Hugging Face hub on first use
+        raise EvaluationError(
+            f"the data of {', '.join(names)} could not be loaded ({type(error).__name__}: {first_line(error)}):"
+            " lm-eval downloads it from the Hugging Face hub on first use; offline, use local task YAMLs"
+        ) from None
     results["config"]["checkpoint_dir"] = str(checkpoint_dir)
+
     print(make_table(results))
     if "groups" in results:
         print(make_table(results, "groups"))
@@ -155,12 +156,38 @@ def main(
     return results
 
 
+def evaluate(lm, selected, preset, num_fewshot, limit, batch_size, device, task_manager, seed) -> dict:
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=selected,
+        num_fewshot=preset.num_fewshot if preset and num_fewshot is None else num_fewshot,
+        limit=limit,
+        batch_size=batch_size,
+        device=device,
+        task_manager=task_manager,
+        log_samples=False,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def cli(args: Optional[list[str]] = None) -> None:
+    """Exit statuses as the fine-tuning recipes': 2 bad input, 3 a failure while evaluating (one line each)."""
     try:
         CLI(main, as_positional=False, args=args)
     except (CheckpointError, InputError) as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)
+    except EvaluationError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

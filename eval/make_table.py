@@ -98,7 +98,7 @@ def cli(args: Optional[list[str]] = None) -> None:
         main(parsed.runs, parsed.out_dir, parsed.metric)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)  # bad input, as in the recipes and eval/evaluate.py
 
 
 if __name__ == "__main__":

@@ -325,7 +325,7 @@ def test_bad_input_is_one_line_on_stderr(case, message, checkpoint_dir, task_dir
         args["device"] = "cuda"
     with pytest.raises(SystemExit) as exit_info:
         evaluate.cli([f"--{key}={value}" for key, value in args.items()])
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == 2
     stderr = capsys.readouterr().err
     assert stderr.count("\n") == 1 and stderr.startswith("error: ") and message in stderr
     if case == "lora_only":
@@ -337,7 +337,7 @@ def test_script_reports_an_unknown_task_without_traceback(checkpoint_dir):
         [sys.executable, "eval/evaluate.py", "--checkpoint_dir", str(checkpoint_dir), "--tasks", "piqaa"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.startswith("error: unknown lm-eval task: piqaa (did you mean piqa")
     assert result.stderr.count("\n") == 1
 
@@ -420,7 +420,7 @@ def test_make_table_gathers_labelled_runs(tmp_path):
 def test_make_table_bad_path(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         make_table.cli([f"baseline={tmp_path / 'missing.json'}", "--out_dir", str(tmp_path)])
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == 2
     assert capsys.readouterr().err == f"error: no results JSON at {tmp_path / 'missing.json'}\n"
 
 
@@ -472,3 +472,17 @@ def test_an_adapter_runs_final_dir_evaluates_with_its_adapter(checkpoint_dir, tm
     with torch.no_grad():
         assert torch.equal(lm.model(x), expected.eval()(x))
         assert not torch.equal(lm.model(x), LitGPTLM.from_checkpoint(checkpoint_dir, device="cpu").model(x))
+
+
+def test_a_hub_task_whose_data_cannot_be_fetched_is_one_line_exit_3(checkpoint_dir, monkeypatch, capsys):
+    """Offline, lm-eval fails deep in the hub client ("Cannot send a request, as the client has been closed.")."""
+    def offline(*args, **kwargs):
+        raise RuntimeError("Cannot send a request, as the client has been closed.")
+
+    monkeypatch.setattr(evaluate, "evaluate", offline)
+    monkeypatch.setattr(evaluate, "check_task_names", lambda *a: None)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.cli([f"--checkpoint_dir={checkpoint_dir}", "--tasks=piqa"])
+    assert exit_info.value.code == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the data of piqa could not be loaded" in err and "local task YAMLs" in err
