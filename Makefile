@@ -10,7 +10,7 @@ TORCH := torch==2.13.0
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)" -e ".[test]"
+	$(PY) -m pip install --quiet "$(TORCH)" -e ".[test,hf]"
 	touch $@
 
 install: $(VENV)/.installed
