@@ -35,6 +35,13 @@ class DropBPGate(nn.Module):
         self.skipped = False
         self.scale = 1.0
 
+    @property
+    def passthrough(self) -> bool:
+        """True when the gate changes nothing (not dropped, not skipped, unscaled): a model may then call the
+        branch directly, without the gate, and dispatch exactly the ops of the ungated model (no overhead at p = 0).
+        """
+        return not (self.dropped or self.skipped) and self.scale == 1.0
+
     def forward(self, branch: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> Optional[torch.Tensor]:
         if self.skipped:
             return None
@@ -43,9 +50,7 @@ class DropBPGate(nn.Module):
                 out = branch(*args, **kwargs)
         else:
             out = branch(*args, **kwargs)
-        if self.scale != 1.0:
-            out = out * self.scale
-        return out
+        return out if self.scale == 1.0 else out * self.scale
 
     def branch_parameters(self) -> list:
         """Parameters of the modules this branch runs (they get no gradient when the branch is dropped)."""

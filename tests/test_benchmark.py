@@ -1,6 +1,17 @@
-"""scripts/benchmark.py on tiny models: the tables' arithmetic and the max-sequence search, never timings."""
+"""scripts/benchmark.py on tiny models: the tables' arithmetic, the shuffled order, and the max-sequence search
+(probe processes, recovery after out-of-memory), never timings."""
 
-from scripts.benchmark import main, markdown, markdown_max_seq
+import io
+import json
+import sys
+
+import pytest
+import torch
+
+from scripts import benchmark
+from scripts.benchmark import (
+    GIB, ProbeRunner, ProbeWorker, Step, build, main, markdown, markdown_max_seq, round_orders, search_max_seq,
+)
 
 
 def test_time_per_sample_table(tmp_path):
@@ -11,18 +22,155 @@ def test_time_per_sample_table(tmp_path):
     full = {r["variant"]: r for r in rows if r["method"] == "full"}
     assert full[0.0]["reduction"] == 0 and full[0.0]["saved_bytes_ratio"] == 1.0
     assert full["all"]["saved_bytes_ratio"] < 0.5  # every branch dropped keeps only the head's activations
-    assert full[0.5]["theory"] == 0.5 * 2 / 3 and full["pld"]["theory"] == 0.25
+    # PLD at the end of its schedule skips (1 - theta_bar)(L + 1)/(2L) of the blocks: 0.5 * 3/4 for L = 2
+    assert full[0.5]["theory"] == 0.5 * 2 / 3 and full["pld"]["theory"] == full["pld"]["rate"] == 0.375
     assert full["plain"]["saved_bytes_ratio"] == 1.0  # the gates change nothing at p = 0
+    assert full["plain"]["peak_gib"] == full[0.0]["peak_gib"]  # neither peak counts the other model
+    assert full["plain"]["timed_rounds"] == 1 and full["plain"]["overhead"] == full["plain"]["overhead_q1"]
     assert all(r["peak_gib"] > 0 for r in rows)
-    assert "| qlora | DropBP 0.5 |" in markdown(rows) and (tmp_path / "bench.json").is_file()
+    assert "| qlora | DropBP 0.5 |" in markdown(rows) and json.loads((tmp_path / "bench.json").read_text())
 
 
-def test_max_seq_search_under_a_memory_budget():
-    """Doubling then bisection against a CPU memory budget: dropping more fits longer sequences."""
+def test_variant_order_is_shuffled_every_round_and_seeded():
+    variants = [0.0, 0.5, 0.75, 0.875, "pld", "all", "plain"]
+    orders = round_orders(variants, 9)
+    assert all(sorted(map(str, o)) == sorted(map(str, variants)) for o in orders)
+    assert len({o[0] for o in orders}) > 1 and len({o[-1] for o in orders}) > 1
+    assert orders == round_orders(variants, 9) != round_orders(variants, 9, seed=1)
+
+
+def test_adamw_moments_exist_before_the_first_step_and_weights_are_untouched():
+    model = build("full", None, dict(n_layer=1, n_embd=32, n_head=2, vocab_size=64), 8, "cpu", torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    step = Step(model, "cpu", optimizer_step=True)
+    for p in step.trainable:
+        assert p.grad is None and set(step.optimizer.state[p]) >= {"exp_avg", "exp_avg_sq"}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------- max-length search
+class PoisonedAfterOOM:
+    """A probe process as the H200 showed it: a length fits below a threshold, and after the first
+    out-of-memory every later probe in the same process fails too."""
+
+    def __init__(self, threshold: dict, log: list) -> None:
+        self.threshold, self.log, self.poisoned = threshold, log, False
+        log.append("start")
+
+    def probe(self, rate, seq_len):
+        fits = not self.poisoned and seq_len <= self.threshold[rate]
+        self.poisoned |= not fits
+        self.log.append((rate, seq_len, fits))
+        return {"fits": fits, "oom": not fits, "peak_bytes": seq_len * 1000 if fits else None,
+                "cap_bytes": self.threshold[rate] * 1000 + 999, "seconds": 0.0}
+
+    def close(self):
+        self.log.append("close")
+
+
+def test_max_seq_search_is_exact_although_a_process_fails_after_out_of_memory(monkeypatch):
+    threshold = {0.0: 1300, 0.5: 2900, 0.875: 9000}
+    log = []
+    monkeypatch.setattr(ProbeRunner, "start_worker", lambda self: PoisonedAfterOOM(threshold, log))
+    rows = benchmark.find_max_seq("full", [0.0, 0.5, 0.875], None, {}, 1, "cpu", "32-true", "fixed", None,
+                                  start=256, limit=16384, probe_steps=1, granularity=256)
+    assert [r["max_seq_len"] for r in rows] == [1280, 2816, 8960]  # exact: the largest multiple of 256 that fits
+    for r in rows:
+        assert r["first_failure"] == r["max_seq_len"] + 256 and not r["limit_reached"]
+        for p in r["probes"]:  # every probe counted: a length fits exactly when it is below the threshold
+            assert p["fits"] == (p["seq_len"] <= threshold[r["rate"]])
+    # every out-of-memory retired its process: the next probe always ran in a new one
+    probes = [e for e in log if isinstance(e, tuple)]
+    assert log.count("start") == 1 + sum(not fits for *_, fits in probes[:-1])
+    assert log.count("close") == log.count("start")
+    # in one process (the old behaviour) the same search is wrong: everything after the first OOM fails
+    poisoned = PoisonedAfterOOM(threshold, [])
+    wrong = search_max_seq(lambda n: poisoned.probe(0.0, n), 256, 16384, 256, log=lambda line: None)
+    assert wrong["max_seq_len"] < 1280
+
+
+def test_a_probe_process_that_crashes_ends_only_its_rate(monkeypatch):
+    class CrashesAtHalf(PoisonedAfterOOM):
+        def probe(self, rate, seq_len):
+            if rate == 0.5:
+                raise RuntimeError("the probe process exited with status -11 without an answer")
+            return super().probe(rate, seq_len)
+
+    log = []
+    monkeypatch.setattr(ProbeRunner, "start_worker", lambda self: CrashesAtHalf({0.0: 1300, 0.875: 5000}, log))
+    rows = benchmark.find_max_seq("full", [0.0, 0.5, 0.875], None, {}, 1, "cpu", "32-true", "fixed", None,
+                                  start=256, limit=16384, probe_steps=1, granularity=256)
+    assert [r["max_seq_len"] for r in rows] == [1280, None, 4864] and "status -11" in rows[1]["error"]
+    assert "failed" in markdown_max_seq(rows)
+
+
+def test_fresh_process_per_probe(monkeypatch):
+    log = []
+    monkeypatch.setattr(ProbeRunner, "start_worker", lambda self: PoisonedAfterOOM({0.0: 1000}, log))
+    runner = ProbeRunner({}, fresh_process_per_probe=True)
+    assert [runner(0.0, n)["process"] for n in (256, 512, 768)] == [1, 2, 3]
+    assert log.count("start") == log.count("close") == 3
+
+
+def test_search_limits_and_a_start_that_does_not_fit():
+    quiet = dict(log=lambda line: None)
+    fits_below = lambda t: lambda n: {"fits": n <= t, "oom": n > t}  # noqa: E731
+    assert search_max_seq(fits_below(10**6), 512, 3000, 256, **quiet)["max_seq_len"] == 3000  # the limit is probed
+    assert search_max_seq(fits_below(10**6), 512, 3000, 256, **quiet)["limit_reached"]
+    assert search_max_seq(fits_below(2999), 512, 3000, 256, **quiet)["max_seq_len"] == 2816
+    assert search_max_seq(fits_below(100), 512, 3000, 256, **quiet)["max_seq_len"] == 0
+    assert search_max_seq(fits_below(300), 512, 3000, 256, **quiet)["max_seq_len"] == 256
+
+
+def test_probe_worker_stops_answering_after_out_of_memory(monkeypatch, capsys):
+    class FakeState:
+        cap_bytes = None
+
+        def __init__(self, spec):
+            pass
+
+        def probe(self, rate, seq_len):
+            if seq_len > 100:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return {"fits": True, "oom": False, "peak_bytes": seq_len}
+
+    monkeypatch.setattr(benchmark, "ProbeState", FakeState)
+    requests = "".join(json.dumps({"rate": 0.0, "seq_len": n}) + "\n" for n in (64, 128, 32))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(requests))
+    benchmark.probe_worker({"device": "cpu"})
+    answers = [json.loads(line.split(" ", 1)[1]) for line in capsys.readouterr().out.splitlines()]
+    assert [(a["fits"], a["oom"]) for a in answers] == [(True, False), (False, True)]  # no answer after the OOM
+
+
+def test_a_killed_probe_process_is_out_of_memory_and_a_crash_is_an_error():
+    killed = ProbeWorker({}, argv=[sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+    assert killed.probe(0.0, 512)["oom"]
+    killed.close()
+    crashed = ProbeWorker({}, argv=[sys.executable, "-c", "raise SystemExit(3)"])
+    with pytest.raises(RuntimeError, match="exited with status 3"):
+        crashed.probe(0.0, 512)
+    crashed.close()
+
+
+def test_max_seq_search_in_a_probe_process_under_a_memory_budget(one_thread):
+    """The real thing on CPU: probes in a probe process, doubling then a guided bisection against a budget."""
+    budget = 0.004
     rows = main(methods=("full",), rates=(0.0, 0.875), n_layer=4, n_embd=64, vocab_size=128, micro_batch_size=1,
-                find_max_seq_len=True, memory_budget=0.004, max_seq_start=32, max_seq_limit=2048, probe_steps=2,
+                find_max_seq_len=True, memory_budget=budget, max_seq_start=32, max_seq_limit=2048, probe_steps=1,
                 granularity=32)
     p0, p875 = rows
-    assert 32 <= p0["max_seq_len"] < p875["max_seq_len"] <= 2048
-    assert p0["max_seq_len"] % 32 == 0 and not p0["limit_reached"]
+    assert 32 <= p0["max_seq_len"] < p875["max_seq_len"] < 2048
+    for r in rows:
+        assert r["max_seq_len"] % 32 == 0 and r["first_failure"] == r["max_seq_len"] + 32  # exact to 32 tokens
+        assert all(p["peak_bytes"] <= budget * GIB for p in r["probes"] if p["fits"])
+        assert all(p["process"] == 1 for p in r["probes"])  # over a budget is no out-of-memory: one process
     assert "| full | 0.875 | fixed |" in markdown_max_seq(rows)
+
+
+def test_gated_block_at_p0_dispatches_exactly_litgpt_ops_with_little_python():
+    """The p = 0 fast path: litgpt's own Block.forward, so the same ATen ops, and three Python calls more per block
+    (GatedBlock.forward and one check per gate) instead of the gates, closures and additions."""
+    r = benchmark.profile_gates("full", dict(n_layer=1, n_embd=32, n_head=2, vocab_size=64), seq_len=8,
+                                micro_batch_size=1, rounds=1, calls=2)
+    assert r["same_aten_ops"] and r["aten_ops"] > 0
+    assert r["python_calls_gated"] - r["python_calls_plain"] <= 3

@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# One prepared GPU acceptance run (issue 9), under 6 minutes on one H100/H200 including every model build:
+#   1. Table 5: time per sample, LLaMA2-7B shape (random weights), bf16-true, seq 512, micro-batch 2, for full, lora,
+#      qlora (NF4) and adapter, p = 0 / 0.5 / 0.75 / 0.875, PLD and every-branch-dropped, each beside plain litgpt
+#      (the gates' overhead at p = 0), variants in a shuffled order each round.
+#   2. Table 3: max sequence length, full fine-tuning, AdamW, micro-batch 1, CUDA allocator capped at 80 GiB (an
+#      A100 80GB), p = 0 / 0.5 / 0.75 / 0.875 with fixed sampling and 0.875 with Bernoulli sampling; every probe in
+#      a probe process that is replaced after any out-of-memory.
+#   3. The four recipes (finetune/full.py, lora.py, qlora.py, adapter.py) on the built-in tiny model with
+#      --precision bf16-true for 20 steps: exit status and final validation loss.
+#   4. pytest -m gpu tests/test_gpu.py.
+# Steps 3 and 4 run beside step 2 (which measures memory, not time); step 1 runs alone.
+#
+# Time limits (seconds): wheels 25, imports 20, Table 5 30 + 35 + 55 + 30, Table 3 110 + 45: 350 in a row;
+# beside Table 3, the built-in model's check (30), then the recipes (90) and the GPU tests (120) end before its 155.
+#
+# Usage, on the GPU machine (no internet; torch and lightning in its image), wheels made as
+# ../shared/gpu/README.md says, in the git-ignored .gpu_wheels/:
+#   bash scripts/gpu_acceptance.sh                 # results in $OUT, else out/gpu
+#   bash scripts/gpu_acceptance.sh --dry_run       # (or DRY_RUN=1) every step on the CPU with a tiny model,
+#                                                  # 32-true, a few steps: checks the script itself
+# At most 8 files land in the results folder: acceptance.log, table5.md, table5.json, table3.md, table3.json,
+# recipes.txt, pytest_gpu.txt.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DRY_RUN=${DRY_RUN:-0}
+if [[ "${1:-}" == "--dry_run" ]]; then DRY_RUN=1; fi
+RESULTS=${OUT:-out/gpu}
+mkdir -p "$RESULTS"
+SCRATCH=$(mktemp -d /tmp/gpu_acceptance.XXXXXX)  # recipe outputs, per-step JSON: never in the results folder
+LOG=$RESULTS/acceptance.log
+for f in acceptance.log table5.md table5.json table3.md table3.json recipes.txt pytest_gpu.txt; do
+  : > "$RESULTS/$f"  # a fresh run: nothing appended to an earlier run's files
+done
+if [[ $DRY_RUN == 1 ]]; then
+  PY=${PY:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}
+  SCALE=10  # the CPU is far slower than the GPU: the dry run checks the steps, not the time limits
+else
+  PY=${PY:-python3}
+  SCALE=1
+fi
+START=$SECONDS
+say() { echo "[$((SECONDS - START))s] $*" | tee -a "$LOG"; }
+
+# step NAME LIMIT_S OUTPUT_FILE COMMAND...: run under `timeout`, append its output to OUTPUT_FILE, log its status
+step() {
+  local name=$1 limit=$(($2 * SCALE)) output=$3 t0=$SECONDS status
+  shift 3
+  say "$name: start (limit ${limit}s)"
+  timeout --kill-after=5 "$limit" "$@" >> "$output" 2>&1
+  status=$?
+  if [[ $status == 124 || $status == 137 ]]; then
+    say "$name: TIMED OUT after $((SECONDS - t0))s"
+  else
+    say "$name: exit $status, $((SECONDS - t0))s"
+  fi
+  return $status
+}
+
+say "gpu_acceptance.sh, dry run: $DRY_RUN, results in $RESULTS, scratch in $SCRATCH"
+say "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(git status --short 2>/dev/null | wc -l) changed files"
+
+# --- 0. packages: the wheels into a fresh folder (never huggingface_hub: the image's transformers needs a newer one)
+if [[ $DRY_RUN == 0 ]]; then
+  if compgen -G ".gpu_wheels/*.whl" > /dev/null; then
+    SITE=$(mktemp -d /tmp/site.XXXXXX)
+    WHEELS=$(ls .gpu_wheels/*.whl | grep -v -i huggingface_hub)
+    # shellcheck disable=SC2086
+    step "install wheels" 25 "$LOG" "$PY" -m pip install -q --no-index --no-deps --target "$SITE" $WHEELS || exit 1
+    export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+  else
+    say "no .gpu_wheels/*.whl: using the installed packages"
+  fi
+  command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$LOG"
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # as in the H200 run of Table 5 (not for Table 3)
+fi
+
+# --- the imports every step needs: stop at once if one fails (a broken import otherwise costs a whole run)
+step "imports" 20 "$LOG" "$PY" -c "
+import lightning, litgpt.lora, bitsandbytes
+import importlib.metadata as md, torch
+print('torch', torch.__version__, '| lightning', lightning.__version__, '| litgpt', md.version('litgpt'),
+      '| bitsandbytes', bitsandbytes.__version__, '| cuda', torch.cuda.is_available(),
+      torch.cuda.get_device_name() if torch.cuda.is_available() else '')
+assert torch.cuda.is_available() or $DRY_RUN, 'no CUDA device visible'
+" || { say "STOP: an import failed (see above)"; exit 1; }
+
+if [[ $DRY_RUN == 1 ]]; then
+  MODEL=(--n_layer 2 --n_embd 64 --n_head 4 --vocab_size 128 --device cpu --precision 32-true)
+  T5=(--seq_len 32 --micro_batch_size 2 --steps 2 --warmup 0)
+  T3=(--memory_budget 0.004 --max_seq_limit 2048 --granularity 32)
+  T3_START_FIXED=32
+  T3_START_BERNOULLI=256
+  RECIPE=(--precision 32-true --train.max_steps 2 --train.global_batch_size 4 --train.micro_batch_size 2
+          --train.lr_warmup_steps 1 --eval.max_iters 2 --data Builtin --data.num_samples 64)
+  export DROPBP_GPU_TESTS_ON_CPU=1  # tests/test_gpu.py on the CPU
+else
+  MODEL=(--model_name Llama-2-7b-hf --device cuda --precision bf16-true)
+  T5=(--seq_len 512 --micro_batch_size 2 --steps 6 --warmup 1)
+  T3=(--gpu_memory_gib 80 --max_seq_limit 32768 --granularity 256)
+  T3_START_FIXED=2048
+  T3_START_BERNOULLI=8192
+  RECIPE=(--precision bf16-true --train.max_steps 20)
+fi
+BENCH=("$PY" scripts/benchmark.py "${MODEL[@]}")
+
+# --- 1. Table 5, alone on the machine (timing); one process per method, so one failure costs one method
+declare -A T5_LIMIT=([full]=30 [lora]=35 [qlora]=55 [adapter]=30)
+for method in full lora qlora adapter; do
+  step "table 5 $method" "${T5_LIMIT[$method]}" "$RESULTS/table5.md" "${BENCH[@]}" "${T5[@]}" \
+    --methods "[$method]" --compare_plain true --out "$SCRATCH/table5_$method.json"
+done
+
+# --- 2. Table 3 (memory; the GPU's other users below stay far from the card's memory), with 3. and 4. beside it
+(
+  unset PYTORCH_CUDA_ALLOC_CONF  # the default allocator, whose per-process fraction cap is the one known to hold
+  step "table 3 fixed" 110 "$RESULTS/table3.md" "${BENCH[@]}" "${T3[@]}" --find_max_seq_len true \
+    --methods '[full]' --rates '[0.0, 0.5, 0.75, 0.875]' --micro_batch_size 1 --probe_steps 2 --sampling fixed \
+    --max_seq_start "$T3_START_FIXED" --out "$SCRATCH/table3_fixed.json"
+  step "table 3 bernoulli" 45 "$RESULTS/table3.md" "${BENCH[@]}" "${T3[@]}" --find_max_seq_len true \
+    --methods '[full]' --rates '[0.875]' --micro_batch_size 1 --probe_steps 4 --sampling bernoulli \
+    --max_seq_start "$T3_START_BERNOULLI" --out "$SCRATCH/table3_bernoulli.json"
+) &
+TABLE3=$!
+
+# the built-in model once, before four recipes start at the same time
+timeout 30 "$PY" -c "from lit_gpt.tiny_model import ensure_tiny_checkpoint; ensure_tiny_checkpoint()"
+RECIPE_PIDS=()
+for recipe in full lora qlora adapter; do
+  extra=()
+  [[ $recipe == qlora ]] && extra=(--quantize bnb.nf4)
+  (
+    t0=$SECONDS
+    timeout --kill-after=5 $((90 * SCALE)) "$PY" "finetune/$recipe.py" "${RECIPE[@]}" "${extra[@]}" \
+      --dropbp.rate 0.5 --out_dir "$SCRATCH/recipe_$recipe" > "$SCRATCH/recipe_$recipe.log" 2>&1
+    echo "$? $((SECONDS - t0))" > "$SCRATCH/recipe_$recipe.status"
+  ) &
+  RECIPE_PIDS+=($!)
+done
+say "recipes: started (limit $((90 * SCALE))s each)"
+step "pytest -m gpu" 120 "$RESULTS/pytest_gpu.txt" "$PY" -m pytest -m gpu -rs -p no:cacheprovider \
+  tests/test_gpu.py
+wait "${RECIPE_PIDS[@]}"
+for recipe in full lora qlora adapter; do
+  read -r status seconds < "$SCRATCH/recipe_$recipe.status"
+  loss=$(grep -o "Final evaluation | val loss: [0-9.]*" "$SCRATCH/recipe_$recipe.log" | tail -1 | grep -o "[0-9.]*$")
+  echo "$recipe: exit $status, ${seconds}s, final val loss ${loss:-none}" | tee -a "$RESULTS/recipes.txt"
+  if [[ $status != 0 ]]; then
+    { echo "--- last lines of finetune/$recipe.py:"; tail -n 15 "$SCRATCH/recipe_$recipe.log"; } >> "$RESULTS/recipes.txt"
+  fi
+done
+say "recipes: $(grep -c ': exit 0,' "$RESULTS/recipes.txt")/4 exited 0"
+wait "$TABLE3"
+
+# --- merge the per-step JSON rows into one file per table
+"$PY" - "$SCRATCH" "$RESULTS" 2>&1 <<'EOF' | tee -a "$LOG"
+import json, sys
+from pathlib import Path
+scratch, results = Path(sys.argv[1]), Path(sys.argv[2])
+for table, parts in (("table5", ["table5_full", "table5_lora", "table5_qlora", "table5_adapter"]),
+                     ("table3", ["table3_fixed", "table3_bernoulli"])):
+    rows, missing = [], []
+    for part in parts:
+        path = scratch / f"{part}.json"
+        if path.is_file():
+            rows += json.loads(path.read_text())
+        else:
+            missing.append(part)
+    (results / f"{table}.json").write_text(json.dumps(rows, indent=2))
+    print(f"{table}.json: {len(rows)} rows" + (f"; missing (failed or timed out): {', '.join(missing)}" if missing else ""))
+EOF
+rm -rf "$SCRATCH"
+say "done in $((SECONDS - START))s; results in $RESULTS"
