@@ -79,8 +79,17 @@ LORA = dict(lora_r=8, lora_alpha=16, lora_query=True, lora_key=True, lora_value=
             lora_mlp=True)
 
 
-def build(method: str, model_name, dims, block_size, device, dtype, plain: bool = False):
-    """Our gated model (or plain litgpt's, for the overhead comparison), trainable parameters marked as in the recipe."""
+def build(method: str, model_name, dims, block_size, device, dtype, plain: bool = False, framework: str = "litgpt"):
+    """Our gated model (or plain litgpt's, for the overhead comparison), trainable parameters marked as in the recipe.
+    ``framework="hf"``: a Hugging Face Transformers LLaMA of the same shape (PEFT LoRA for ``lora``), gated by
+    ``dropbp.integrations.transformers`` (or unpatched, ``plain``)."""
+    if framework == "hf":
+        from dropbp.integrations.transformers import build_gated_llama
+
+        if model_name is not None or method not in ("full", "lora"):
+            raise SystemExit("error: --framework hf builds a LLaMA of --n_layer x --n_embd, for --methods full/lora")
+        return build_gated_llama(dims["n_layer"], dims["n_embd"], dims["n_head"], dims["vocab_size"], block_size,
+                                 method=method, device=device, dtype=dtype, gated=not plain)[0]
     if method == "full":
         cls = litgpt.model.GPT if plain else lit_gpt.model.GPT
         config = make_config(litgpt.model.Config, model_name, dims, block_size)
@@ -169,7 +178,8 @@ class Step:
 
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        reset_adapter_cache(self.model)  # plain litgpt adapters otherwise fail on their second step
+        if hasattr(self.model, "transformer"):  # plain litgpt adapters otherwise fail on their second step
+            reset_adapter_cache(self.model)
         self.sync()
         t0 = time.perf_counter()
         if measure_saved:
@@ -191,6 +201,7 @@ class Step:
 
     def loss(self, x, y):
         logits = self.model(x)
+        logits = getattr(logits, "logits", logits)  # a Transformers model returns an output object
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
     def peak_bytes(self, saved: int) -> int:
@@ -236,14 +247,14 @@ def round_orders(variants: list, rounds: int, seed: int = ORDER_SEED) -> list:
 
 def benchmark(method: str, rates: list, model_name, dims: dict, seq_len: int, micro_batch_size: int, steps: int,
               warmup: int, device: str, dtype, sampling: str, compare_plain: bool, optimizer_step: bool,
-              order_seed: int = ORDER_SEED) -> list:
+              order_seed: int = ORDER_SEED, framework: str = "litgpt") -> list:
     a0 = allocated(device)
-    model = build(method, model_name, dims, seq_len, device, dtype)
-    variants = [*rates, "pld", "all"]
+    model = build(method, model_name, dims, seq_len, device, dtype, framework=framework)
+    variants = [*rates, "all"] if framework == "hf" else [*rates, "pld", "all"]  # PLD: litgpt models only
     plain_step, plain_bytes = None, 0
     if compare_plain:
         a1 = allocated(device)
-        plain = build(method, model_name, dims, seq_len, device, dtype, plain=True)
+        plain = build(method, model_name, dims, seq_len, device, dtype, plain=True, framework=framework)
         plain.load_state_dict(model.state_dict())
         plain_step = Step(quantize(method, plain, dtype, device), device, optimizer_step)
         plain_bytes = allocated(device) - a1  # plain litgpt's weights (and moments): left out of our model's peak
@@ -255,7 +266,7 @@ def benchmark(method: str, rates: list, model_name, dims: dict, seq_len: int, mi
     step.other_bytes = plain_bytes
     if plain_step is not None:
         plain_step.other_bytes = allocated(device) - a0 - plain_bytes
-    vocab = model.config.padded_vocab_size
+    vocab = dims["vocab_size"] if framework == "hf" else model.config.padded_vocab_size
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, vocab, (micro_batch_size, seq_len), generator=g).to(device)
     y = torch.randint(0, vocab, (micro_batch_size, seq_len), generator=g).to(device)
@@ -273,7 +284,10 @@ def benchmark(method: str, rates: list, model_name, dims: dict, seq_len: int, mi
             if not untimed and out["peak"] is not None:  # GPU: every step's allocator peak counts
                 memory[v].append({"saved": None, "peak": out["peak"]})
     pld.disable()
-    return summarise(method, timed, memory, micro_batch_size, pld_steady_drop(pld), order_seed)
+    rows = summarise(method, timed, memory, micro_batch_size, pld_steady_drop(pld), order_seed)
+    for row in rows:
+        row["framework"] = framework
+    return rows
 
 
 def summarise(method: str, timed: dict, memory: dict, micro_batch_size: int, pld_drop: float,
@@ -328,7 +342,7 @@ def overhead(ours: list, plain: list) -> dict:
 
 def overhead_line(method: str, plain_row: dict) -> str:
     r = plain_row
-    return (f"{method}: gated model at p=0 vs plain litgpt: {r['overhead']:+.1%} time (FW {r['overhead_fw']:+.1%},"
+    return (f"{method}: gated model at p=0 vs {baseline_name(r)}: {r['overhead']:+.1%} time (FW {r['overhead_fw']:+.1%},"
             f" BW {r['overhead_bw']:+.1%}); median of {r['timed_rounds']} paired rounds, quartiles"
             f" [{r['overhead_q1']:+.1%}, {r['overhead_q3']:+.1%}], variant order shuffled each round (seed"
             f" {r['order_seed']})")
@@ -653,15 +667,20 @@ def find_max_seq(method, rates, model_name, dims, micro_batch_size, device, prec
 
 
 # -------------------------------------------------------------------------------------------- output
+def baseline_name(row: dict) -> str:
+    return "the unpatched Transformers model" if row.get("framework") == "hf" else "plain litgpt"
+
+
 def markdown(rows: list) -> str:
     lines = ["| Method | Variant | FW ms | BW ms | Total ms | Reduction | Theory | Achieved/theory | BW efficiency"
              " | Saved activations | Peak GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    names = {"pld": "PLD 0->0.5 (end of schedule)", "all": "all dropped (head only)", "plain": "plain litgpt, p=0"}
+    names = {"pld": "PLD 0->0.5 (end of schedule)", "all": "all dropped (head only)"}
     for r in rows:
         fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
         saved = "–" if r["saved_bytes_ratio"] is None else f"{r['saved_bytes_ratio']:.3f}"
+        name = f"{baseline_name(r)}, p=0" if r["variant"] == "plain" else names.get(r["variant"])
         lines.append(
-            f"| {r['method']} | {names.get(r['variant'], 'DropBP ' + str(r['variant']))} | {r['fw_ms']:.1f}"
+            f"| {r['method']} | {name or 'DropBP ' + str(r['variant'])} | {r['fw_ms']:.1f}"
             f" | {r['bw_ms']:.1f} | {r['total_ms']:.1f} | {r['reduction']:+.0%} | {r['theory']:.0%}"
             f" | {fmt(r['achieved_over_theory'])} | {fmt(r['bw_efficiency'])} | {saved} | {r['peak_gib']:.3f} |"
         )
@@ -706,6 +725,7 @@ def main(
     fresh_process_per_probe: bool = False,
     threads: Optional[int] = None,
     profile: bool = False,
+    framework: str = "litgpt",
     out: Optional[Path] = None,
 ) -> list:
     """Print the Table-5-style table (ms per sample, medians of rounds in shuffled order) with the gated-vs-plain
@@ -731,6 +751,8 @@ def main(
         fresh_process_per_probe: start a new probe process for every probe (slower). By default a probe process
             answers probes until one runs out of memory, and is then replaced.
         threads: torch CPU threads (default: torch's); probe processes use the same number.
+        framework: "litgpt" (our lit_gpt models against plain litgpt) or "hf" (a Transformers LLaMA gated by
+            dropbp.integrations.transformers against the unpatched one; --methods full/lora, Table 5 only).
         profile: instead of the table, profile one block at p = 0 against plain litgpt's (CPU, fp32): ATen ops
             (``torch.profiler``), Python calls (``cProfile``) and microseconds per block forward.
     """
@@ -744,6 +766,8 @@ def main(
         raise SystemExit("error: --gpu_memory_gib caps the CUDA allocator: it needs --device cuda")
     if find_max_seq_len and (granularity < 1 or max_seq_start % granularity or max_seq_start > max_seq_limit):
         raise SystemExit("error: --max_seq_start must be a multiple of --granularity and at most --max_seq_limit")
+    if framework not in ("litgpt", "hf") or (framework == "hf" and (profile or find_max_seq_len)):
+        raise SystemExit("error: --framework is litgpt or hf; hf measures the Table 5 rows only")
     if threads is not None:
         torch.set_num_threads(threads)
     dims = dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab_size)
@@ -751,6 +775,8 @@ def main(
         dims = {}
     dtype = DTYPES[precision]
     what = model_name or f"LLaMA-architecture {n_layer} layers x {n_embd} wide, vocab {vocab_size}"
+    if framework == "hf":
+        what = f"Transformers LlamaForCausalLM (gated by dropbp.integrations.transformers), {n_layer} x {n_embd}"
     if profile:
         if model_name is not None or device != "cpu":
             raise SystemExit("error: --profile runs on the CPU with --n_layer/--n_embd/--vocab_size dims")
@@ -788,7 +814,7 @@ def main(
         rows = []
         for m in methods:
             rows += benchmark(m, list(rates), model_name, dims, seq_len, micro_batch_size, steps, warmup, device,
-                              dtype, sampling, compare_plain, optimizer_step)
+                              dtype, sampling, compare_plain, optimizer_step, framework=framework)
             gc.collect()  # the method's models go before the next one's are built
             if device == "cuda":
                 torch.cuda.empty_cache()

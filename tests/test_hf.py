@@ -384,3 +384,18 @@ def test_trainer_resume_gives_same_masks_and_losses(tmp_path):
     assert handler_resumed.rates.tolist() == handler_full.rates.tolist() and callback.report["step"] == 1
     losses = lambda t: [(e["step"], e["loss"], e["drop_rate"]) for e in t.state.log_history if "loss" in e]  # noqa
     assert losses(resumed)[-3:] == losses(full)[3:]
+
+
+def test_benchmark_framework_hf_rows_side_by_side_with_the_unpatched_model(capsys):
+    """`scripts/benchmark.py --framework hf`: the Table 5 rows of a gated Transformers LLaMA and its unpatched twin."""
+    from scripts import benchmark
+
+    rows = benchmark.main(framework="hf", methods=("full", "lora"), rates=(0.0, 0.875), n_layer=2, n_embd=64,
+                          vocab_size=128, seq_len=16, micro_batch_size=2, steps=1, warmup=0, threads=1)
+    assert {r["framework"] for r in rows} == {"hf"}
+    for method in ("full", "lora"):
+        variants = [r["variant"] for r in rows if r["method"] == method]
+        assert variants == [0.0, 0.875, "all", "plain"]  # no PLD: its skipping is litgpt-only
+        ours = next(r for r in rows if r["method"] == method and r["variant"] == 0.875)
+        assert ours["saved_bytes_ratio"] < 0.5  # the gates really drop (fixed sampling: 1 of 2 branches kept at most)
+    assert "gated model at p=0 vs the unpatched Transformers model" in capsys.readouterr().out
