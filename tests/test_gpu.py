@@ -19,7 +19,7 @@ ON_CPU = os.environ.get("DROPBP_GPU_TESTS_ON_CPU") == "1"
 if not (CUDA or ON_CPU):  # one skip, one reason line
     pytest.skip("needs a CUDA GPU (scripts/gpu_acceptance.sh runs these)", allow_module_level=True)
 
-from test_invariants import LAYOUTS, VARIANTS, batch, loss_of, make_pair  # noqa: E402
+from test_invariants import LAYOUTS, VARIANTS, batch, loss_of, make_pair, saved_activation_bytes  # noqa: E402
 
 from dropbp import DropBPHandler  # noqa: E402
 from lit_gpt.gated import GatedBlock  # noqa: E402
@@ -62,35 +62,18 @@ def test_gated_forward_is_bitwise_plain_litgpt_in_bf16(layout, variant):
         assert torch.equal(loss_of(ours, x, y), loss_of(theirs, x, y))
 
 
-def saved_bytes(model, x, y) -> int:
-    params = {p.data_ptr() for p in model.parameters()}
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        if t.data_ptr() not in params:
-            total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_of(model, x, y)
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    return total
-
-
 def test_dropped_branches_keep_no_activations_on_gpu():
     """Invariant 3: the bytes saved for backward are the head's plus those of the kept branches only."""
     ours, _ = on_device("llama", "base")
     x, y = (t.to(DEVICE) for t in batch(t=24))
     handler = DropBPHandler(ours, sampling="fixed", seed=0)
     handler.keep_all()
-    kept_all = saved_bytes(ours, x, y)
+    kept_all = saved_activation_bytes(ours, x, y)
     handler.set_mask(torch.ones(len(handler.gates), dtype=torch.bool))
-    head_only = saved_bytes(ours, x, y)
+    head_only = saved_activation_bytes(ours, x, y)
     handler.set_rates(0.5)
     handler.sample()  # fixed sampling: half of the attention and half of the MLP branches kept
-    half = saved_bytes(ours, x, y)
+    half = saved_activation_bytes(ours, x, y)
     assert head_only < 0.3 * kept_all
     assert half == head_only + (kept_all - head_only) // 2
     if CUDA:  # the allocator agrees: a forward with every branch dropped holds far less

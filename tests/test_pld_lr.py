@@ -6,37 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from dropbp import DropBPGate, DropBPHandler, PLDHandler, add_branch
+from dropbp import DropBPGate, DropBPHandler, PLDHandler
 from dropbp.lr import compensate_lr, param_groups, set_lr, update_probability
 from dropbp.pld import run_mean_drop, solve_gamma, steady_drop
+from tests.test_core import ResidualMLP
 
 DEEPSPEED_GAMMA = 0.001
 CONFIG_HUB_STEPS = {"alpaca": 390, "dolly": 109}  # config_hub/finetune/llama-2-7b/*.yaml: max_steps
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class ResidualMLP(nn.Module):
-    def __init__(self, width: int = 8, depth: int = 4) -> None:
-        super().__init__()
-        self.inp = nn.Linear(width, width)
-        self.branches = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(depth))
-        self.gates = nn.ModuleList(
-            DropBPGate("attn" if i % 2 == 0 else "mlp", i // 2, 1.0 + i, (b,)) for i, b in enumerate(self.branches)
-        )
-        self.out = nn.Linear(width, 1)
-
-    def forward(self, x):
-        x = self.inp(x)
-        for gate, branch in zip(self.gates, self.branches):
-            x = add_branch(gate(branch, x), x)
-        return self.out(x).sum()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gated_blocks(num_layers: int) -> nn.Module:
