@@ -2,6 +2,8 @@
 `torch.cuda`), for every recipe x devices 1/2 x no GPU / bf16 GPU / fp16-only GPU, and the exact arguments Fabric
 would receive are checked, so no GPU-only line goes untested on a CPU."""
 
+import inspect
+
 import bitsandbytes  # noqa: F401 (imported for real before CUDA is pretended: its import probes the GPU)
 import pytest
 import torch
@@ -23,7 +25,7 @@ class RecordingFabric:
         RecordingFabric.last = self
 
     def launch(self, fn, *args):
-        self.launched = (fn, args)
+        self.launched = inspect.signature(fn).bind(self, *args).arguments  # main's arguments by name
 
 
 def plan(monkeypatch, tmp_path, recipe, devices, gpu, **setup_args):
@@ -35,7 +37,7 @@ def plan(monkeypatch, tmp_path, recipe, devices, gpu, **setup_args):
                  train=TrainArgs(global_batch_size=8, micro_batch_size=2, max_steps=1), **setup_args)
     fabric = RecordingFabric.last
     kwargs = {k: v for k, v in fabric.kwargs.items() if k != "loggers"}
-    quantize_base = fabric.launched[1][-1]
+    quantize_base = fabric.launched["quantize_base"]
     return kwargs, quantize_base
 
 
