@@ -66,6 +66,11 @@ def metric_key(scores: dict, metric: Optional[str], default: Optional[str]) -> s
     return keys[0]
 
 
+def first_metric(scores: dict) -> str:
+    """The metric a task lists first (its headline: perplexity for the built-in log-likelihood task)."""
+    return next(k.split(",")[0] for k, v in scores.items() if "," in k and "_stderr" not in k)
+
+
 def cell(results: dict, task: str, header: str, metric: Optional[str], default: Optional[str]) -> tuple[str, float]:
     key = metric_key(results["results"][task], metric, default)
     name, filter_name = key.split(",")
@@ -90,8 +95,8 @@ def table_row(results: dict, metric: Optional[str] = None) -> dict[str, float]:
         shown.update(column.task for column in preset.columns)
     members = {task for subtasks in results.get("group_subtasks", {}).values() for task in subtasks}
     for task in scores:
-        if task not in shown and task not in members:
-            header, value = cell(results, task, task, metric, None)
+        if task not in shown and task not in members:  # a task of its own: its first (headline) metric
+            header, value = cell(results, task, task, metric, first_metric(scores[task]))
             row[header] = value
     return row
 

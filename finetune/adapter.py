@@ -19,7 +19,7 @@ from lit_gpt.adapter_v2 import GPT, Config, mark_only_adapter_v2_as_trainable
 def finalize(fabric, model, checkpoint_dir: Path, final_dir: Path) -> None:
     """Like litgpt, the adapter weights alone (``lit_model.pth.adapter_v2``), plus the base weights beside them
     (``lit_model.pth``, hard-linked when possible), so that ``final/`` is complete on its own:
-    ``litgpt generate_adapter_v2 --checkpoint_dir final --adapter_path final/lit_model.pth.adapter_v2`` and
+    ``litgpt generate_adapter_v2 final --adapter_path final/lit_model.pth.adapter_v2`` and
     ``eval/evaluate.py --checkpoint_dir final`` work on it."""
     trainable = trainer.trainable_names(model)
     trainer.save_weights(fabric, model, final_dir / "lit_model.pth.adapter_v2", keep=lambda name: name in trainable)
