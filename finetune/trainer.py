@@ -401,6 +401,8 @@ def train_in(fabric, method, config, checkpoint_dir, out_dir, data, train, eval,
     accum = train.global_batch_size // (train.micro_batch_size * fabric.world_size)
     steps_per_epoch = max(1, len(train_loader) // accum)
     max_steps = min(train.max_steps or math.inf, (train.epochs or math.inf) * steps_per_epoch)
+    warmup = math.ceil(train.lr_warmup_fraction * steps_per_epoch) if train.lr_warmup_fraction else (
+        train.lr_warmup_steps or 0)  # litgpt: a fraction of an epoch, or a number of optimizer steps
 
     # Skipping initialisation is only safe when the checkpoint holds every parameter (not LoRA or adapter weights).
     # Under FSDP it means the meta device: the weights are then loaded into the sharded model.
@@ -460,7 +462,7 @@ def train_in(fabric, method, config, checkpoint_dir, out_dir, data, train, eval,
     example = Example(tokenizer, data, eval)
     if fabric.global_rank == 0:
         write_record(record, out_dir)
-    fit(fabric, method, model, optimizer, handler, pld_handler, train_loader, val_loader, data, train, eval,
+    fit(fabric, method, model, optimizer, handler, pld_handler, train_loader, val_loader, warmup, train, eval,
         dropbp, out_dir, accum, max_steps, base_lr, progress, restored_rng, example, record)
 
     # the model is saved before the final validation, so that nothing trained is lost to an error there
@@ -521,7 +523,7 @@ def validation_split(data: DataModule):
 
 # -------------------------------------------------------------------------------------------------- fit
 def fit(
-    fabric, method, model, optimizer, handler, pld_handler, train_loader, val_loader, data, train, eval, dropbp,
+    fabric, method, model, optimizer, handler, pld_handler, train_loader, val_loader, warmup, train, eval, dropbp,
     out_dir, accum, max_steps, base_lr, progress, restored_rng, example, record,
 ) -> None:
     train_iter = CycleIterator(train_loader)
@@ -535,19 +537,16 @@ def fit(
     write = bar.write if fabric.global_rank == 0 else (lambda line: None)  # below the bar, once
     state = training_state(handler, pld_handler, progress)  # as of the last completed step, for a save on Ctrl-C
     try:
-        train_steps(fabric, method, model, optimizer, handler, pld_handler, train_iter, val_loader, train, eval, dropbp,
-                    out_dir, accum, max_steps, base_lr, progress, example, record, bar, write, state)
+        train_steps(fabric, method, model, optimizer, handler, pld_handler, train_iter, val_loader, warmup, train, eval,
+                    dropbp, out_dir, accum, max_steps, base_lr, progress, example, record, bar, write, state)
     except KeyboardInterrupt:
         bar.close()
         raise Interrupted(save_on_interrupt(fabric, model, optimizer, state, record, out_dir)) from None
     bar.close()
 
 
-def train_steps(fabric, method, model, optimizer, handler, pld_handler, train_iter, val_loader, train, eval, dropbp,
-                out_dir, accum, max_steps, base_lr, progress, example, record, bar, write, state) -> None:
-    steps_per_epoch = max(1, len(train_iter.iterable) // accum)
-    warmup = math.ceil(train.lr_warmup_fraction * steps_per_epoch) if train.lr_warmup_fraction else (
-        train.lr_warmup_steps or 0)  # litgpt: a fraction of an epoch, or a number of optimizer steps
+def train_steps(fabric, method, model, optimizer, handler, pld_handler, train_iter, val_loader, warmup, train, eval,
+                dropbp, out_dir, accum, max_steps, base_lr, progress, example, record, bar, write, state) -> None:
     max_time = train.max_time or math.inf  # seconds of wall time since training started, as litgpt
     allocate_at = int(dropbp.sensitivity_at * max_steps) if math.isfinite(max_steps) else None
     needs_allocation = dropbp.rate > 0 and dropbp.allocation == "sensitivity" and pld_handler is None

@@ -76,6 +76,20 @@ def grads(model) -> dict:
     return {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters() if p.requires_grad}
 
 
+def check_masks(model, reference, handler, x, masks, exact: bool) -> None:
+    """For each mask: the gated model's gradients against the reference with those branches detached by hand."""
+    for mask in masks:
+        handler.set_mask(torch.tensor(mask))
+        model.zero_grad(set_to_none=True)
+        reference.zero_grad(set_to_none=True)
+        seeded_loss(model, x).backward()
+        handles = detached_reference(reference, mask)
+        seeded_loss(reference, x).backward()
+        for h in handles:
+            h.remove()
+        compare_gradients(model, reference, handler, mask, exact=exact)
+
+
 def compare_gradients(model, reference, handler, mask, exact: bool) -> None:
     """Same gradients as the reference (bitwise, or to float rounding), and None exactly for the trainable
     parameters that live only in dropped branches."""
@@ -137,16 +151,7 @@ def test_gradients_equal_detached_reference(family):
     hf.install_gates(model)
     handler = DropBPHandler(model)
     x = tokens()
-    for mask in MASKS[1:]:
-        handler.set_mask(torch.tensor(mask))
-        model.zero_grad(set_to_none=True)
-        reference.zero_grad(set_to_none=True)
-        seeded_loss(model, x).backward()
-        handles = detached_reference(reference, mask)
-        seeded_loss(reference, x).backward()
-        for h in handles:
-            h.remove()
-        compare_gradients(model, reference, handler, mask, exact=True)
+    check_masks(model, reference, handler, x, MASKS[1:], exact=True)
 
 
 @pytest.mark.parametrize("family,reentrant", [("llama", False), ("llama", True), ("gemma2", False), ("phi3", False)])
@@ -169,16 +174,7 @@ def test_peft_lora_with_gradient_checkpointing(family, reentrant):
     handler = DropBPHandler(model)
     assert all(any("lora_" in n for n, _ in g.branch_modules[1].named_parameters()) for g in handler.gates)
     x = tokens()
-    for mask in MASKS[1:3]:
-        handler.set_mask(torch.tensor(mask))
-        model.zero_grad(set_to_none=True)
-        reference.zero_grad(set_to_none=True)
-        seeded_loss(model, x).backward()
-        handles = detached_reference(reference, mask)
-        seeded_loss(reference, x).backward()
-        for h in handles:
-            h.remove()
-        compare_gradients(model, reference, handler, mask, exact=False)
+    check_masks(model, reference, handler, x, MASKS[1:3], exact=False)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "phi3"])
