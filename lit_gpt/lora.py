@@ -14,7 +14,9 @@ the adapted blocks (q, k, v of the fused QKV layer; one block elsewhere) and ``g
 one GEMM per term and block (``alpha`` carries ``s``), each writing straight into its slice of the result (strided
 views, no copies); on CUDA, equal evenly spaced blocks (MHA's q, k, v) share one strided-batched GEMM. The LoRA
 input gradient lands in the base's with ``addmm_``. No conv1d, zero padding, scale or
-add kernel remains. On a plain ``nn.Linear`` base the layer runs its base GEMMs itself (:class:`_LoRALinear`); on
+add kernel remains. Without dropout, when many tokens pass a narrow fp32 layer (:func:`merges_weight`: a small
+model on the CPU), forward is instead one GEMM on ``W + s * B A`` (as full fine-tuning's), and backward makes
+``ht`` itself. On a plain ``nn.Linear`` base the layer runs its base GEMMs itself (:class:`_LoRALinear`); on
 any other base (bitsandbytes' ``Linear4bit`` for QLoRA, a hooked linear, autocast) it calls ``self.linear`` and
 adds the update into its output in place (:class:`_LoRAUpdate`); under ``torch.compile`` it uses plain out-of-place
 ops that inductor fuses. Parameters (names, shapes, initialisation), ``merge`` and the RNG use are litgpt's: the one
@@ -61,34 +63,75 @@ def _uniform(spans: Spans, device: torch.device) -> int:
     return stride if ok else 0
 
 
+def _rank_factor(x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """``ht = A x^T`` of shape (N r, tokens), for ``x`` contiguous. Kept transposed: in MKL a GEMM whose output has
+    only r columns runs several times slower than the same GEMM with an r-row output (measured: 200 vs 76 us at
+    1024 x 256 x 8); backward makes the same choice for dB^T and dh^T."""
+    n_in = x.shape[-1]
+    m = x.numel() // n_in
+    return torch.mm(A, _view(x, (n_in, m), (1, n_in)))
+
+
+def _B_views(B: torch.Tensor, spans: Spans, device: torch.device) -> list:
+    """``B_i`` per adapted block (one 3-d view when the blocks are batched, see :func:`_uniform`)."""
+    r = B.shape[1]
+    if _uniform(spans, device):
+        n, width = len(spans), spans[0][1] - spans[0][0]
+        return [_view(B, (n, width, r), (width * r, r, 1))]
+    if len(spans) == 1:
+        return [B]
+    return [_view(B, (width, r), (r, 1), b0 * r) for i, c0, width, b0, a0 in _blocks(spans, r)]
+
+
+def _ht_views(ht: torch.Tensor, spans: Spans, device: torch.device) -> list:
+    """``ht_i`` per adapted block, laid out as :func:`_B_views`."""
+    n = len(spans)
+    r, m = ht.shape[0] // n, ht.shape[1]
+    if _uniform(spans, device):
+        return [_view(ht, (n, r, m), (r * m, m, 1))]
+    if n == 1:
+        return [ht]
+    return [_view(ht, (r, m), (m, 1), a0 * m) for i, c0, width, b0, a0 in _blocks(spans, r)]
+
+
 def _lora_forward(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
                   spans: Spans) -> tuple:
     """``y[..., c0:c1] += scaling * (x A_i^T) B_i^T`` for each block, in place (``y`` and ``x`` contiguous).
 
-    The rank-r intermediate is kept transposed, ``ht = A x^T`` of shape (N r, tokens): in MKL a GEMM whose output
-    has only r columns runs several times slower than the same GEMM with an r-row output (measured: 200 vs 76 us at
-    1024 x 256 x 8); backward makes the same choice for dB^T and dh^T. The update of block i is written as
-    ``y_i^T += s * B_i ht_i`` (the same GEMM as ``y_i += s * ht_i^T B_i^T``), so that ``B_i`` and ``ht_i``, the views
-    backward needs too, are made once. Returns them per block (one 3-d view each when the blocks are batched)."""
-    n_in, n_out, r = x.shape[-1], y.shape[-1], B.shape[1]
-    m = x.numel() // n_in
-    ht = torch.mm(A, _view(x, (n_in, m), (1, n_in)))  # (N r, M)
-    single = len(spans) == 1
+    The update of block i is written as ``y_i^T += s * B_i ht_i`` (the same GEMM as ``y_i += s * ht_i^T B_i^T``),
+    so that ``B_i`` and ``ht_i``, the views backward needs too, are made once. Returns them."""
+    n_out = y.shape[-1]
+    m = y.numel() // n_out
+    B_blocks, ht_blocks = _B_views(B, spans, y.device), _ht_views(_rank_factor(x, A), spans, y.device)
     stride = _uniform(spans, y.device)
     if stride:
         n, width = len(spans), spans[0][1] - spans[0][0]
-        B3 = _view(B, (n, width, r), (width * r, r, 1))
-        ht3 = _view(ht, (n, r, m), (r * m, m, 1))
-        _view(y, (n, width, m), (stride, 1, n_out), spans[0][0]).baddbmm_(B3, ht3, alpha=scaling)
-        return [B3], [ht3]
-    B_blocks, ht_blocks = [], []
-    for i, c0, width, b0, a0 in _blocks(spans, r):
-        B_i = B if single else _view(B, (width, r), (r, 1), b0 * r)
-        ht_i = ht if single else _view(ht, (r, m), (m, 1), a0 * m)
+        _view(y, (n, width, m), (stride, 1, n_out), spans[0][0]).baddbmm_(B_blocks[0], ht_blocks[0], alpha=scaling)
+        return B_blocks, ht_blocks
+    for (i, c0, width, b0, a0), B_i, ht_i in zip(_blocks(spans, B.shape[1]), B_blocks, ht_blocks):
         _view(y, (width, m), (1, n_out), c0).addmm_(B_i, ht_i, alpha=scaling)
-        B_blocks.append(B_i)
-        ht_blocks.append(ht_i)
     return B_blocks, ht_blocks
+
+
+def merges_weight(tokens: int, n_in: int, n_out: int, dtype: torch.dtype) -> bool:
+    """Whether a LoRA layer adds ``scaling * B A`` into a copy of its base weight for the forward GEMM instead of
+    running the rank-r update on the tokens: when that costs fewer FLOPs (``n_in n_out r`` against
+    ``tokens (n_in + n_out) r``: many tokens through a narrow layer, as on a small model) and the weight is fp32
+    (in bf16/fp16 the small update would be rounded at the weight's precision, not at the output's)."""
+    return dtype == torch.float32 and tokens * (n_in + n_out) > n_in * n_out
+
+
+def _merged_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, spans: Spans) -> torch.Tensor:
+    """A new tensor: ``W`` with ``scaling * B_i A_i`` added to the rows of each adapted block."""
+    n_out, n_in = W.shape
+    r = B.shape[1]
+    if len(spans) == 1 and spans[0][1] - spans[0][0] == n_out:
+        return torch.addmm(W, B, A, alpha=scaling)
+    merged = W.clone()
+    for i, c0, width, b0, a0 in _blocks(spans, r):
+        _view(merged, (width, n_in), (n_in, 1), c0 * n_in).addmm_(
+            _view(B, (width, r), (r, 1), b0 * r), _view(A, (r, n_in), (n_in, 1), a0 * n_in), alpha=scaling)
+    return merged
 
 
 def _lora_backward(g: torch.Tensor, x: Optional[torch.Tensor], B_blocks, ht_blocks, scaling: float, spans: Spans,
@@ -160,40 +203,52 @@ class _LoRALinear(torch.autograd.Function):
     """A whole LoRA linear layer on a plain ``nn.Linear`` base: ``x W^T + b + scaling * lora(dx)``, where ``dx`` is
     ``lora_dropout(x)`` (None when it is ``x`` itself). Owning the base GEMMs lets backward write the LoRA part of
     the input gradient straight into the base's (``addmm_``: no separate add) and saves the base linear's autograd
-    nodes and reshapes."""
+    nodes and reshapes. Without dropout, where :func:`merges_weight` says so, forward is one GEMM on
+    ``W + scaling * B A``, as full fine-tuning's forward, and backward first makes the rank-r factor ``ht`` that
+    forward did not need."""
 
     @staticmethod
     def forward(ctx, x, dx, W, b, A, B, scaling, spans):
         n_in, n_out = x.shape[-1], W.shape[0]
         m = x.numel() // n_in
-        y = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype, device=x.device)
-        x2 = x.view(m, n_in)
-        if b is None:
-            torch.mm(x2, W.t(), out=y.view(m, n_out))
-        else:
-            torch.addmm(b, x2, W.t(), out=y.view(m, n_out))
         shared = dx is None
+        merged = shared and merges_weight(m, n_in, n_out, x.dtype)
+        y = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype, device=x.device)
+        x2, W_forward = x.view(m, n_in), _merged_weight(W, A, B, scaling, spans) if merged else W
+        if b is None:
+            torch.mm(x2, W_forward.t(), out=y.view(m, n_out))
+        else:
+            torch.addmm(b, x2, W_forward.t(), out=y.view(m, n_out))
+        need_x, need_dx, need_W, need_b, need_A, need_B = ctx.needs_input_grad[:6]
+        ctx.scaling, ctx.spans, ctx.r, ctx.n_b, ctx.shared, ctx.merged = (
+            scaling, spans, B.shape[1], B.shape[0], shared, merged)
+        if merged:  # backward makes the factors from x, A and B (parameters: saving them costs no memory)
+            ctx.save_for_backward(x if need_W or need_A or need_B else None, None, W if need_x else None, A, B)
+            return y
         lx = x if shared else dx
         B_blocks, ht_blocks = _lora_forward(y, lx, A, B, scaling, spans)
-        need_x, need_dx, need_W, need_b, need_A, need_B = ctx.needs_input_grad[:6]
-        k = ctx.k = len(B_blocks)
         ctx.save_for_backward(x if need_W or (shared and need_A) else None, lx if need_A and not shared else None,
                               W if need_x else None, A if need_x or need_dx else None,
-                              *(B_blocks if need_x or need_dx or need_A else [None] * k),
-                              *(ht_blocks if need_B else [None] * k))
-        ctx.scaling, ctx.spans, ctx.r, ctx.n_b, ctx.shared = scaling, spans, B.shape[1], B.shape[0], shared
+                              *(B_blocks if need_x or need_dx or need_A else [None] * len(B_blocks)),
+                              *(ht_blocks if need_B else [None] * len(ht_blocks)))
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        x, dx, W, A, *blocks = ctx.saved_tensors
         need_x, need_dx, need_W, need_b, need_A, need_B = ctx.needs_input_grad[:6]
-        shared, k = ctx.shared, ctx.k
+        shared = ctx.shared
+        if ctx.merged:
+            x, dx, W, A, B = ctx.saved_tensors
+            B_blocks = _B_views(B, ctx.spans, g.device)
+            ht_blocks = _ht_views(_rank_factor(x, A), ctx.spans, g.device) if need_B else None
+        else:
+            x, dx, W, A, *blocks = ctx.saved_tensors
+            B_blocks, ht_blocks = blocks[:len(blocks) // 2], blocks[len(blocks) // 2:]
         need_lx = need_x if shared else need_dx  # the gradient w.r.t. the LoRA branch's input
         if not g.is_contiguous():
             g = g.contiguous()
-        gA, gB, ght_t = _lora_backward(g, x if shared else dx, blocks[:k], blocks[k:], ctx.scaling, ctx.spans,
+        gA, gB, ght_t = _lora_backward(g, x if shared else dx, B_blocks, ht_blocks, ctx.scaling, ctx.spans,
                                        ctx.r, ctx.n_b, need_lx or need_A, need_A, need_B)
         n_out = g.shape[-1]
         m = g.numel() // n_out

@@ -95,6 +95,45 @@ def test_same_function_as_litgpt_for_every_target_subset(attention, dropout, mon
         assert_same(*make_pair(lora_config(ATTENTION[attention], subset, dropout)), x, y, f"batched {subset}")
 
 
+@pytest.mark.parametrize("merge", [False, True])
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_merged_and_unmerged_forward_for_every_target_subset(attention, merge, monkeypatch):
+    """Each way of computing the update, forced on every layer (the rule picks per layer by shape, so the tests
+    above mix them): the rank-r update on the tokens, or one GEMM on W + s B A with dB's factor made in backward.
+    Two steps (the second accumulates into .grad); the no-grad path (a dropped branch) is the same arithmetic."""
+    decisions = []
+    monkeypatch.setattr(lit_gpt.lora, "merges_weight", lambda *shape: decisions.append(shape) or merge)
+    x, y = batch()
+    for subset in SUBSETS:
+        ours, theirs = make_pair(lora_config(ATTENTION[attention], subset))
+        assert_same(ours, theirs, x, y, f"{attention} merge={merge} {dict(zip(TARGETS, subset))}", steps=2)
+        with torch.enable_grad():
+            logits = ours(x)
+        with torch.no_grad():
+            assert torch.equal(ours(x), logits)
+    assert decisions, "the layers asked the rule"
+
+
+def test_merge_rule_at_the_shapes_users_run():
+    """Merge where the rank-r update on the tokens costs more than merging (many tokens, narrow layers, fp32):
+    the benchmark's CPU model; not LLaMA2-7B at seq 512 x micro-batch 2, and never in bf16/fp16."""
+    tokens = 4 * 256  # scripts/benchmark.py's CPU default: micro-batch 4 x seq 256, 256 wide, MLP 640
+    assert all(lit_gpt.lora.merges_weight(tokens, i, o, torch.float32) for i, o in ((256, 768), (256, 640), (640, 256)))
+    assert not lit_gpt.lora.merges_weight(2 * 512, 4096, 4096, torch.float32)
+    assert not lit_gpt.lora.merges_weight(2 * 512, 4096, 11008, torch.float32)
+    assert not any(lit_gpt.lora.merges_weight(10**6, 64, 64, dtype) for dtype in (torch.bfloat16, torch.float16))
+    model = lit_gpt.lora.GPT(lora_config(4, n_embd=64, intermediate_size=128, lora_dropout=0.1))
+    model.train()  # with lora_dropout the update's input is not the base's: never merged
+    seen = []
+    real = lit_gpt.lora.merges_weight
+    try:
+        lit_gpt.lora.merges_weight = lambda *shape: seen.append(shape) or real(*shape)
+        model(torch.randint(0, 64, (4, 32)))
+    finally:
+        lit_gpt.lora.merges_weight = real
+    assert not seen
+
+
 @pytest.mark.parametrize("attention", ATTENTION)
 def test_gradient_accumulation_and_eval_no_grad(attention):
     ours, theirs = make_pair(lora_config(ATTENTION[attention], dropout=0.1))
@@ -285,6 +324,12 @@ def test_operator_count_per_layer(attention):
     ours, theirs = make_layers("linear")
     n_ours, n_theirs = aten_ops(ours, x), aten_ops(theirs, x)
     assert n_ours <= n_theirs, (n_ours, n_theirs)
+    x = torch.randn(4, 64, 64, requires_grad=True)  # 256 tokens: the merged-weight forward
+    assert lit_gpt.lora.merges_weight(256, 64, 96, torch.float32)
+    for kind, enable in (("qkv", (True, False, True)), ("qkv", (True, True, True)), ("linear", None)):
+        ours, theirs = make_layers(kind, ATTENTION[attention], enable) if kind == "qkv" else make_layers(kind)
+        n_ours, n_theirs = aten_ops(ours, x), aten_ops(theirs, x)
+        assert n_ours <= (n_theirs / 2 if enable == (True, False, True) else n_theirs), (kind, enable, n_ours, n_theirs)
 
 
 def test_qlora_base_matches_litgpt():
