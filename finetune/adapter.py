@@ -49,6 +49,7 @@ def setup(
     seed: int = 1337,
     resume: Union[bool, Literal["auto"], Path] = False,
     overwrite: bool = False,
+    compile: bool = False,
 ) -> None:
     """Adapter v2 fine-tuning with DropBP.
 
@@ -68,6 +69,7 @@ def setup(
         seed: seed of data order, initialisation and dropout.
         resume: continue from the latest checkpoint in out_dir ("auto") or from a given one.
         overwrite: replace a run already in out_dir (otherwise refused, so that no run is lost).
+        compile: torch.compile each block's attention and MLP branch (one device; the first steps compile).
     """
     method = trainer.Method(
         name="adapter_v2",
@@ -77,7 +79,7 @@ def setup(
         finalize=finalize,
     )
     trainer.run(method, checkpoint_dir, out_dir, precision, devices, num_nodes, data, train, eval, dropbp, pld,
-                optimizer, logger_name, seed, resume, overwrite)
+                optimizer, logger_name, seed, resume, overwrite, compile)
 
 
 if __name__ == "__main__":

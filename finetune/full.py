@@ -35,6 +35,7 @@ def setup(
     seed: int = 1337,
     resume: Union[bool, Literal["auto"], Path] = False,
     overwrite: bool = False,
+    compile: bool = False,
 ) -> None:
     """Full fine-tuning: every parameter trains; DropBP drops backward through residual branches.
 
@@ -54,6 +55,7 @@ def setup(
         seed: seed of data order, initialisation and dropout.
         resume: continue from the latest checkpoint in out_dir ("auto") or from a given one.
         overwrite: replace a run already in out_dir (otherwise refused, so that no run is lost).
+        compile: torch.compile each block's attention and MLP branch (one device; the first steps compile).
     """
     method = trainer.Method(
         name="full",
@@ -64,7 +66,7 @@ def setup(
         full=True,
     )
     trainer.run(method, checkpoint_dir, out_dir, precision, devices, num_nodes, data, train, eval, dropbp, pld,
-                optimizer, logger_name, seed, resume, overwrite)
+                optimizer, logger_name, seed, resume, overwrite, compile)
 
 
 if __name__ == "__main__":

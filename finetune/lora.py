@@ -79,6 +79,7 @@ def setup(
     seed: int = 1337,
     resume: Union[bool, Literal["auto"], Path] = False,
     overwrite: bool = False,
+    compile: bool = False,
 ) -> None:
     """LoRA fine-tuning (the paper's setting: r=8, alpha=16 on every linear layer) with DropBP.
 
@@ -107,12 +108,13 @@ def setup(
         seed: seed of data order, initialisation and dropout.
         resume: continue from the latest checkpoint in out_dir ("auto") or from a given one.
         overwrite: replace a run already in out_dir (otherwise refused, so that no run is lost).
+        compile: torch.compile each block's attention and MLP branch (one device; the first steps compile).
     """
     targets = dict(lora_query=lora_query, lora_key=lora_key, lora_value=lora_value, lora_projection=lora_projection,
                    lora_mlp=lora_mlp, lora_head=lora_head)
     method = lora_method("lora", lora_r, lora_alpha, lora_dropout, targets)
     trainer.run(method, checkpoint_dir, out_dir, precision, devices, num_nodes, data, train, eval, dropbp, pld,
-                optimizer, logger_name, seed, resume, overwrite)
+                optimizer, logger_name, seed, resume, overwrite, compile)
 
 
 if __name__ == "__main__":

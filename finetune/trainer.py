@@ -45,7 +45,7 @@ from dropbp.lr import compensate_lr, param_groups, set_lr
 from finetune.args import DropBPArgs, PLDArgs
 from lit_gpt.data import Alpaca, Builtin  # importing lit_gpt.data also registers Dolly for --data
 from lit_gpt.data.download import download_data_file
-from lit_gpt.gated import set_gate_flops
+from lit_gpt.gated import compile_branches, set_gate_flops
 from lit_gpt.quantize import QUANT_DTYPES, quantize_frozen_linears
 from lit_gpt.tiny_model import TINY_MODEL_NOTE, ensure_tiny_checkpoint
 
@@ -207,8 +207,11 @@ def run(
     seed: int,
     resume: bool | str | Path,
     overwrite: bool = False,
+    compile: bool = False,
 ) -> None:
     check_args(train, dropbp, pld, devices, num_nodes)
+    if compile and devices * num_nodes != 1:
+        raise UsageError("--compile true runs on one device (--devices 1): it is not tested with DDP or FSDP")
     builtin_model = checkpoint_dir is None
     checkpoint_dir = resolve_checkpoint_dir(checkpoint_dir)
     if data is None and int(os.environ.get("LOCAL_RANK", 0)) == 0:
@@ -216,8 +219,11 @@ def run(
     data = (Builtin() if builtin_model else Alpaca()) if data is None else data
     out_dir = Path(out_dir).expanduser().resolve()
     record = run_record(method, checkpoint_dir, out_dir, precision, devices, num_nodes, data, train, eval, dropbp,
-                        pld, optimizer, logger_name, seed)
+                        pld, optimizer, logger_name, seed, compile)
     fabric_args, quantize_base = launch_plan(method, precision, devices, num_nodes)
+    if compile and quantize_base is not None:
+        raise UsageError("--compile true does not work with QLoRA on the CPU: bitsandbytes repacks its 4-bit weights"
+                         " at their first call, under a compiled graph that expects the old layout")
     config = method.config(checkpoint_dir)
     if train.max_seq_length is not None and train.max_seq_length > config.block_size:
         raise UsageError(
@@ -226,7 +232,7 @@ def run(
     logger = choose_logger(logger_name, out_dir, name=f"finetune-{method.name}-{config.name}", log_interval=1)
     fabric = L.Fabric(**fabric_args, loggers=logger)
     fabric.launch(main, method, config, checkpoint_dir, out_dir, data, train, eval, dropbp, pld, optimizer, seed, resume,
-                  quantize_base, record, overwrite)
+                  quantize_base, record, overwrite, compile)
 
 
 # ------------------------------------------------------------------------------------------------ out_dir
@@ -236,7 +242,7 @@ RESUME_MUST_MATCH = ("method", "dropbp", "pld")  # options a resumed run may not
 
 
 def run_record(method, checkpoint_dir, out_dir, precision, devices, num_nodes, data, train, eval, dropbp, pld,
-               optimizer, logger_name, seed) -> dict:
+               optimizer, logger_name, seed, compile=False) -> dict:
     """The options of a run, as a recipe's ``--config`` file (``python finetune/lora.py --config
     out/.../hyperparameters.yaml`` repeats it) plus the method's name."""
     data_args = {f.name: getattr(data, f.name) for f in fields(data) if f.init} if is_dataclass(data) else {}
@@ -246,7 +252,7 @@ def run_record(method, checkpoint_dir, out_dir, precision, devices, num_nodes, d
         "num_nodes": num_nodes,
         "data": {"class_path": f"{type(data).__module__}.{type(data).__qualname__}", "init_args": data_args},
         "train": asdict(train), "eval": asdict(eval), "dropbp": asdict(dropbp), "pld": asdict(pld),
-        "optimizer": optimizer, "logger_name": logger_name, "seed": seed,
+        "optimizer": optimizer, "logger_name": logger_name, "seed": seed, "compile": compile,
     }
     return plain(record)
 
@@ -375,6 +381,7 @@ def main(
     quantize_base: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None,
     record: Optional[dict] = None,
     overwrite: bool = False,
+    compile: bool = False,
 ) -> None:
     problem = claim_out_dir(out_dir, resume, overwrite) if fabric.global_rank == 0 else None
     problem = fabric.broadcast(problem, src=0)
@@ -382,14 +389,14 @@ def main(
         raise UsageError(problem)
     try:
         train_in(fabric, method, config, checkpoint_dir, out_dir, data, train, eval, dropbp, pld, optimizer_spec,
-                 seed, resume, quantize_base, record or {})
+                 seed, resume, quantize_base, record or {}, compile)
     finally:
         if fabric.global_rank == 0:
             (out_dir / LOCK).unlink(missing_ok=True)
 
 
 def train_in(fabric, method, config, checkpoint_dir, out_dir, data, train, eval, dropbp, pld, optimizer_spec, seed,
-             resume, quantize_base, record) -> None:
+             resume, quantize_base, record, compile=False) -> None:
     """Everything of a run once its out_dir is claimed (`main` releases the claim however this ends)."""
     fabric.seed_everything(seed)  # before the dataloaders: Fabric's DistributedSampler takes its shuffling seed from it
     tokenizer = Tokenizer(checkpoint_dir)
@@ -419,6 +426,8 @@ def train_in(fabric, method, config, checkpoint_dir, out_dir, data, train, eval,
     seq_len = train.max_seq_length or config.block_size
     model.max_seq_length = min(seq_len, config.block_size)
     set_gate_flops(model, model.max_seq_length)
+    if compile:  # the branches only: the gates decide outside the compiled code, so masks never recompile
+        compile_branches(model)
 
     handler = DropBPHandler(model, rate=dropbp.rate, sampling=dropbp.sampling, seed=seed if dropbp.seed is None else dropbp.seed)
     pld_handler = PLDHandler(model, pld.theta_bar, pld.gamma, seed=seed, total_steps=max_steps,
@@ -427,6 +436,7 @@ def train_in(fabric, method, config, checkpoint_dir, out_dir, data, train, eval,
         f"Trainable parameters: {num_parameters(model, requires_grad=True):,} | frozen:"
         f" {num_parameters(model, requires_grad=False):,} | {len(handler.gates)} gated branches,"
         f" DropBP rate {dropbp.rate} ({dropbp.allocation}, {dropbp.sampling}){' + PLD' if pld.enabled else ''}"
+        f"{', branches compiled' if compile else ''}"
     )
 
     model = fabric.setup_module(model)

@@ -14,17 +14,29 @@ from dropbp.flops import attention_flops, mlp_flops
 from dropbp.gate import DropBPGate, add_branch
 
 
+def attention_branch(block, x: torch.Tensor, norm: bool, cos, sin, mask, input_pos, input_pos_maxp1) -> torch.Tensor:
+    """A block's attention residual branch: ``norm_1`` (unless the caller applied a shared one), attention,
+    ``post_attention_norm``. A function of the block, not a method or closure, so that one ``torch.compile`` of it
+    serves every block (the modules are inlined: no recompile per block)."""
+    if norm:
+        x = block.norm_1(x)
+    return block.post_attention_norm(block.attn(x, cos, sin, mask, input_pos, input_pos_maxp1))
+
+
+def mlp_branch(block, x: torch.Tensor, norm: bool) -> torch.Tensor:
+    """A block's MLP residual branch: ``norm_2`` (unless shared with attention and applied by the caller), MLP,
+    ``post_mlp_norm``."""
+    if norm:
+        x = block.norm_2(x)
+    return block.post_mlp_norm(block.mlp(x))
+
+
 class GatedBlock:
     """Mixin placed before a litgpt Block class; :func:`install_gates` turns built blocks into it."""
 
     attn_gate: DropBPGate
     mlp_gate: DropBPGate
-
-    def _attention(self, x_normed, cos, sin, mask, input_pos, input_pos_maxp1) -> torch.Tensor:
-        return self.post_attention_norm(self.attn(x_normed, cos, sin, mask, input_pos, input_pos_maxp1))
-
-    def _mlp(self, x_normed: torch.Tensor) -> torch.Tensor:
-        return self.post_mlp_norm(self.mlp(x_normed))
+    branches = None  # (attention, mlp) branch functions in place of the eager ones: see compile_branches
 
     def forward(
         self,
@@ -36,25 +48,46 @@ class GatedBlock:
         input_pos_maxp1: Optional[int] = None,
     ) -> torch.Tensor:
         gates = self._modules  # not self.attn_gate: nn.Module.__getattr__ costs ~0.7 us a lookup on a slow CPU
-        if gates["attn_gate"].passthrough and gates["mlp_gate"].passthrough:
+        branches = self.branches if input_pos is None else None  # generation (a KV cache) runs eager
+        if branches is None and gates["attn_gate"].passthrough and gates["mlp_gate"].passthrough:
             # Fast path (p = 0, or both branches kept and PLD off): litgpt's own Block.forward, so exactly its ATen
-            # ops and no gate calls, closures or add_branch (profiled on CPU: ~10 us of Python per block before).
+            # ops and no gate calls or add_branch (profiled on CPU: ~10 us of Python per block before).
             return super().forward(x, cos, sin, mask, input_pos, input_pos_maxp1)
+        attention, mlp = branches or (attention_branch, mlp_branch)
         attn_args = (cos, sin, mask, input_pos, input_pos_maxp1)
         if self.config.parallel_residual and self.config.shared_attention_norm:
             # norm_1 feeds both branches: it needs a graph unless both are dropped
             both_dropped = self.attn_gate.dropped and self.mlp_gate.dropped
             with torch.set_grad_enabled(torch.is_grad_enabled() and not both_dropped):
                 x_normed = self.norm_1(x)
-            attention_output = self.attn_gate(self._attention, x_normed, *attn_args)
-            mlp_output = self.mlp_gate(self._mlp, x_normed)
+            attention_output = self.attn_gate(attention, self, x_normed, False, *attn_args)
+            mlp_output = self.mlp_gate(mlp, self, x_normed, False)
             return add_branch(mlp_output, add_branch(attention_output, x))
-        attention_output = self.attn_gate(lambda h: self._attention(self.norm_1(h), *attn_args), x)
+        attention_output = self.attn_gate(attention, self, x, True, *attn_args)
         if self.config.parallel_residual:
-            mlp_output = self.mlp_gate(lambda h: self._mlp(self.norm_2(h)), x)
+            mlp_output = self.mlp_gate(mlp, self, x, True)
             return add_branch(mlp_output, add_branch(attention_output, x))
         x = add_branch(attention_output, x)
-        return add_branch(self.mlp_gate(lambda h: self._mlp(self.norm_2(h)), x), x)
+        return add_branch(self.mlp_gate(mlp, self, x, True), x)
+
+
+def compile_branches(model: nn.Module, **compile_options) -> nn.Module:
+    """``torch.compile`` the attention and MLP branch functions that every gated block of ``model`` calls through
+    its gates. The gate decides outside the compiled code (a dropped branch is called under ``no_grad``), so a
+    branch needs a graph per grad mode and per whether its input requires grad (with LoRA, not before the first
+    kept branch with a trainable parameter), and one for evaluation: at most five, never one per drop mask, and
+    shared by the blocks. Shapes are dynamic from the start (fine-tuning batches vary in length), and Dynamo's
+    recompile limit is raised to 16, so that no branch falls back to eager. Embedding, head and loss stay eager;
+    generation with a KV cache runs the eager branches."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+    compile_options = {"dynamic": True, **compile_options}
+    branches = (torch.compile(attention_branch, **compile_options), torch.compile(mlp_branch, **compile_options))
+    blocks = [m for m in model.modules() if isinstance(m, GatedBlock)]
+    if not blocks:
+        raise ValueError("compile_branches: the model has no gated block (build it from lit_gpt)")
+    for block in blocks:
+        block.branches = branches
+    return model
 
 
 def install_gates(model: nn.Module, block_class: type, seq_len: Optional[int] = None) -> nn.Module:

@@ -270,19 +270,18 @@ class _LoRALinear(torch.autograd.Function):
 
 def _functional_update(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
                        spans: Spans) -> torch.Tensor:
-    """The same function out of place, in ops that torch.compile traces without a graph break."""
+    """The same function out of place, for torch.compile: one GEMM through ``B`` laid out block-diagonally over the
+    full output width (zeros where a block is not adapted), which inductor fuses with the scale and the add. (A
+    ``cat`` of per-block slices instead miscompiles under dynamic shapes in torch 2.13: the attention backward then
+    asserts the strides of the first sequence length.)"""
     r = B.shape[1]
     h = torch.nn.functional.linear(x, A)
-    parts, end = [], 0
+    if len(spans) == 1 and spans[0][1] - spans[0][0] == y.shape[-1]:
+        return y + torch.nn.functional.linear(h, B) * scaling
+    B_full = B.new_zeros(y.shape[-1], len(spans) * r)
     for i, c0, width, b0, a0 in _blocks(spans, r):
-        if c0 > end:
-            parts.append(y[..., end:c0])
-        delta = torch.nn.functional.linear(h[..., a0:a0 + r], B[b0:b0 + width])
-        parts.append(y[..., c0:c0 + width] + delta * scaling)
-        end = c0 + width
-    if end < y.shape[-1]:
-        parts.append(y[..., end:])
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        B_full[c0:c0 + width, a0:a0 + r] = B[b0:b0 + width]
+    return y + torch.nn.functional.linear(h, B_full) * scaling
 
 
 def _contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

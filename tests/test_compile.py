@@ -1,0 +1,86 @@
+"""``--compile``: the branch functions compiled with inductor on the CPU train like eager under changing drop masks,
+with a bounded number of graphs (per branch: grad mode x input requires grad, shared by every block), never one per
+mask."""
+
+import litgpt.lora
+import pytest
+import torch
+from conftest import tiny_config
+from torch._dynamo.utils import counters
+
+import lit_gpt.lora
+import lit_gpt.model
+from dropbp import DropBPHandler
+from lit_gpt.gated import compile_branches
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def build(method: str, n_layer: int):
+    if method == "full":
+        return lit_gpt.model.GPT(tiny_config("llama", n_layer=n_layer))
+    # litgpt's default LoRA targets (q and v only)
+    config = tiny_config("llama", litgpt.lora.Config, n_layer=n_layer, lora_r=4, lora_alpha=8, lora_query=True,
+                         lora_value=True)
+    model = lit_gpt.lora.GPT(config)
+    litgpt.lora.mark_only_lora_as_trainable(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # lora_B starts at zero: give the update a value, so that it is really tested
+    return model
+
+
+def train(model, steps: int, seed: int = 0) -> tuple:
+    handler = DropBPHandler(model, rate=0.5, seed=seed)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    g = torch.Generator().manual_seed(seed)
+    losses, masks = [], []
+    for _ in range(steps):
+        handler.sample()
+        masks.append(handler.mask.clone())
+        x = torch.randint(0, 64, (2, 17), generator=g)
+        logits = model(x[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+        if loss.requires_grad:
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    return torch.stack(losses), masks, model
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_compiled_branches_train_like_eager_with_bounded_graphs(method):
+    torch._dynamo.reset()
+    counters.clear()
+    n_layer = 3
+    torch.manual_seed(0)
+    eager = build(method, n_layer)
+    torch.manual_seed(0)
+    compiled = compile_branches(build(method, n_layer))
+    assert all(block.branches is not None for block in compiled.transformer.h)
+    try:
+        eager_losses, masks, eager = train(eager, steps=3)
+        compiled_losses, compiled_masks, compiled = train(compiled, steps=3)
+        graphs = counters["stats"]["unique_graphs"]
+        assert all(torch.equal(a, b) for a, b in zip(masks, compiled_masks))
+        assert len({tuple(m.tolist()) for m in masks}) == 3, "the masks change from step to step"
+        stacked = torch.stack(masks)
+        assert stacked.any(0).any() and (~stacked).any(0).any(), "some branches dropped, some kept"
+        torch.testing.assert_close(compiled_losses, eager_losses, rtol=1e-4, atol=1e-5)
+        for (name, a), b in zip(compiled.named_parameters(), eager.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        train(compiled, steps=3, seed=1)  # three more masks
+        more_graphs = counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    # per branch function: grad mode x whether its input requires grad (with LoRA, not before the first kept
+    # branch holding a trainable parameter), shared by the 3 blocks, not one per block or mask
+    assert 0 < graphs <= 2 * 2 * 2, graphs
+    assert more_graphs == graphs, "new masks compiled nothing new"
+
+
+def test_compile_branches_needs_gates():
+    with pytest.raises(ValueError, match="no gated block"):
+        compile_branches(torch.nn.Linear(2, 2))
