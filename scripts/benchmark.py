@@ -52,7 +52,7 @@ import lit_gpt.adapter_v2
 import lit_gpt.lora
 import lit_gpt.model
 from dropbp import DropBPHandler, PLDHandler
-from lit_gpt.gated import reset_adapter_cache
+from lit_gpt.gated import compile_branches, reset_adapter_cache
 
 THEORY = {"full": 2 / 3, "lora": 1 / 2, "qlora": 1 / 2, "adapter": 1 / 2}
 DTYPES = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
@@ -79,7 +79,8 @@ LORA = dict(lora_r=8, lora_alpha=16, lora_query=True, lora_key=True, lora_value=
             lora_mlp=True)
 
 
-def build(method: str, model_name, dims, block_size, device, dtype, plain: bool = False, framework: str = "litgpt"):
+def build(method: str, model_name, dims, block_size, device, dtype, plain: bool = False, framework: str = "litgpt",
+          compile: bool = False):
     """Our gated model (or plain litgpt's, for the overhead comparison), trainable parameters marked as in the recipe.
     ``framework="hf"``: a Hugging Face Transformers LLaMA of the same shape (PEFT LoRA for ``lora``), gated by
     ``dropbp.integrations.transformers`` (or unpatched, ``plain``)."""
@@ -113,6 +114,12 @@ def build(method: str, model_name, dims, block_size, device, dtype, plain: bool 
         litgpt.lora.mark_only_lora_as_trainable(model)
     elif method == "adapter":
         litgpt.adapter_v2.mark_only_adapter_v2_as_trainable(model)
+    if compile:  # ours: the branch functions (as --compile true in the recipes); plain litgpt: each whole block
+        if plain:
+            for block in model.transformer.h:
+                block.compile(dynamic=True)
+        else:
+            compile_branches(model)
     return model
 
 
@@ -213,6 +220,15 @@ class Step:
         return params + grads + moments + saved
 
 
+def aten_ops(run: Callable[[], object]) -> int:
+    """ATen operators that ``run`` dispatches (``torch.profiler``, nested ones included: ``aten::linear`` and the
+    ``aten::mm`` it calls count two): a CPU-measurable proxy for the kernel launches and dispatch overhead that
+    dominate short GPU kernels. Code that inductor compiled dispatches few ATen operators."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::"))
+
+
 def set_variant(variant, handler: DropBPHandler, pld: PLDHandler) -> None:
     """Put the gates in the state of one variant: a DropBP rate, "pld", or "all" (every branch dropped)."""
     pld.disable()
@@ -247,14 +263,15 @@ def round_orders(variants: list, rounds: int, seed: int = ORDER_SEED) -> list:
 
 def benchmark(method: str, rates: list, model_name, dims: dict, seq_len: int, micro_batch_size: int, steps: int,
               warmup: int, device: str, dtype, sampling: str, compare_plain: bool, optimizer_step: bool,
-              order_seed: int = ORDER_SEED, framework: str = "litgpt") -> list:
+              order_seed: int = ORDER_SEED, framework: str = "litgpt", compile: bool = False) -> list:
     a0 = allocated(device)
-    model = build(method, model_name, dims, seq_len, device, dtype, framework=framework)
+    model = build(method, model_name, dims, seq_len, device, dtype, framework=framework, compile=compile)
     variants = [*rates, "all"] if framework == "hf" else [*rates, "pld", "all"]  # PLD: litgpt models only
     plain_step, plain_bytes = None, 0
     if compare_plain:
         a1 = allocated(device)
-        plain = build(method, model_name, dims, seq_len, device, dtype, plain=True, framework=framework)
+        plain = build(method, model_name, dims, seq_len, device, dtype, plain=True, framework=framework,
+                      compile=compile)
         plain.load_state_dict(model.state_dict())
         plain_step = Step(quantize(method, plain, dtype, device), device, optimizer_step)
         plain_bytes = allocated(device) - a1  # plain litgpt's weights (and moments): left out of our model's peak
@@ -283,10 +300,17 @@ def benchmark(method: str, rates: list, model_name, dims: dict, seq_len: int, mi
             (memory if untimed else timed)[v].append(out)
             if not untimed and out["peak"] is not None:  # GPU: every step's allocator peak counts
                 memory[v].append({"saved": None, "peak": out["peak"]})
+    ops = {}  # one more step per variant, profiled (not timed)
+    for v in variants:
+        if v == "plain":
+            ops[v] = aten_ops(lambda: plain_step(x, y, measure_saved=False))
+        else:
+            set_variant(v, handler, pld)
+            ops[v] = aten_ops(lambda: step(x, y, measure_saved=False))
     pld.disable()
     rows = summarise(method, timed, memory, micro_batch_size, pld_steady_drop(pld), order_seed)
     for row in rows:
-        row["framework"] = framework
+        row.update(framework=framework, compiled=compile, aten_ops=ops[row["variant"]])
     return rows
 
 
@@ -340,12 +364,12 @@ def overhead(ours: list, plain: list) -> dict:
             "overhead_fw": statistics.median(paired("fw")), "overhead_bw": statistics.median(paired("bw"))}
 
 
-def overhead_line(method: str, plain_row: dict) -> str:
+def overhead_line(method: str, plain_row: dict, ours_ops: int) -> str:
     r = plain_row
     return (f"{method}: gated model at p=0 vs {baseline_name(r)}: {r['overhead']:+.1%} time (FW {r['overhead_fw']:+.1%},"
             f" BW {r['overhead_bw']:+.1%}); median of {r['timed_rounds']} paired rounds, quartiles"
             f" [{r['overhead_q1']:+.1%}, {r['overhead_q3']:+.1%}], variant order shuffled each round (seed"
-            f" {r['order_seed']})")
+            f" {r['order_seed']}); ATen ops per step {ours_ops} vs {r['aten_ops']}")
 
 
 # ------------------------------------------------------------------------------------ gate profile
@@ -673,7 +697,7 @@ def baseline_name(row: dict) -> str:
 
 def markdown(rows: list) -> str:
     lines = ["| Method | Variant | FW ms | BW ms | Total ms | Reduction | Theory | Achieved/theory | BW efficiency"
-             " | Saved activations | Peak GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             " | Saved activations | Peak GiB | ATen ops/step |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     names = {"pld": "PLD 0->0.5 (end of schedule)", "all": "all dropped (head only)"}
     for r in rows:
         fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
@@ -682,7 +706,8 @@ def markdown(rows: list) -> str:
         lines.append(
             f"| {r['method']} | {name or 'DropBP ' + str(r['variant'])} | {r['fw_ms']:.1f}"
             f" | {r['bw_ms']:.1f} | {r['total_ms']:.1f} | {r['reduction']:+.0%} | {r['theory']:.0%}"
-            f" | {fmt(r['achieved_over_theory'])} | {fmt(r['bw_efficiency'])} | {saved} | {r['peak_gib']:.3f} |"
+            f" | {fmt(r['achieved_over_theory'])} | {fmt(r['bw_efficiency'])} | {saved} | {r['peak_gib']:.3f}"
+            f" | {r.get('aten_ops', '–')} |"
         )
     return "\n".join(lines)
 
@@ -726,6 +751,7 @@ def main(
     threads: Optional[int] = None,
     profile: bool = False,
     framework: str = "litgpt",
+    compile: bool = False,
     out: Optional[Path] = None,
 ) -> list:
     """Print the Table-5-style table (ms per sample, medians of rounds in shuffled order) with the gated-vs-plain
@@ -755,6 +781,8 @@ def main(
             dropbp.integrations.transformers against the unpatched one; --methods full/lora, Table 5 only).
         profile: instead of the table, profile one block at p = 0 against plain litgpt's (CPU, fp32): ATen ops
             (``torch.profiler``), Python calls (``cProfile``) and microseconds per block forward.
+        compile: ``torch.compile`` our branch functions (as the recipes' ``--compile true``) and each block of plain
+            litgpt (inductor, dynamic shapes); the untimed rounds compile. Table 5 rows of litgpt models only.
     """
     if precision not in DTYPES:
         raise SystemExit(f"error: --precision must be one of {', '.join(DTYPES)}")
@@ -768,6 +796,9 @@ def main(
         raise SystemExit("error: --max_seq_start must be a multiple of --granularity and at most --max_seq_limit")
     if framework not in ("litgpt", "hf") or (framework == "hf" and (profile or find_max_seq_len)):
         raise SystemExit("error: --framework is litgpt or hf; hf measures the Table 5 rows only")
+    if compile and (framework == "hf" or profile or find_max_seq_len or "qlora" in methods and device == "cpu"):
+        raise SystemExit("error: --compile true times the Table 5 rows of litgpt models (not QLoRA on the CPU,"
+                         " whose bitsandbytes weights are repacked at their first call)")
     if threads is not None:
         torch.set_num_threads(threads)
     dims = dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab_size)
@@ -814,16 +845,18 @@ def main(
         rows = []
         for m in methods:
             rows += benchmark(m, list(rates), model_name, dims, seq_len, micro_batch_size, steps, warmup, device,
-                              dtype, sampling, compare_plain, optimizer_step, framework=framework)
+                              dtype, sampling, compare_plain, optimizer_step, framework=framework, compile=compile)
             gc.collect()  # the method's models go before the next one's are built
             if device == "cuda":
                 torch.cuda.empty_cache()
         print(f"{what}, {precision}, seq {seq_len}, micro-batch {micro_batch_size}, {where}, {sampling} sampling,"
-              f" median of {steps} rounds, variant order shuffled each round (seed {ORDER_SEED})")
+              f" median of {steps} rounds, variant order shuffled each round (seed {ORDER_SEED})"
+              f"{', compiled (torch.compile)' if compile else ''}")
         print(markdown(rows))
         for r in rows:
             if r["variant"] == "plain":
-                print(overhead_line(r["method"], r))
+                ours = next(o for o in rows if o["method"] == r["method"] and o["variant"] == 0.0)
+                print(overhead_line(r["method"], r, ours["aten_ops"]))
     if out is not None:
         Path(out).write_text(json.dumps(rows, indent=2))
     return rows

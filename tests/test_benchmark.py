@@ -29,6 +29,31 @@ def test_time_per_sample_table(tmp_path):
     assert full["plain"]["timed_rounds"] == 1 and full["plain"]["overhead"] == full["plain"]["overhead_q1"]
     assert all(r["peak_gib"] > 0 for r in rows)
     assert "| qlora | DropBP 0.5 |" in markdown(rows) and json.loads((tmp_path / "bench.json").read_text())
+    # ATen operators per training step: the gates add none at p = 0; the fast QLoRA layers dispatch fewer than
+    # litgpt's; every branch dropped leaves only the head's backward
+    qlora = {r["variant"]: r for r in rows if r["method"] == "qlora"}
+    assert full[0.0]["aten_ops"] == full["plain"]["aten_ops"] > 0
+    assert qlora[0.0]["aten_ops"] < qlora["plain"]["aten_ops"]
+    assert full["all"]["aten_ops"] < full[0.5]["aten_ops"] < full[0.0]["aten_ops"]
+
+
+def test_compiled_rows_and_operator_counts(one_thread):
+    """--compile true: our branch functions and plain litgpt's blocks compiled (inductor); the compiled branches
+    dispatch far fewer ATen operators per step than eager."""
+    import torch._dynamo
+
+    dims = dict(methods=("lora",), rates=(0.0, 0.5), n_layer=2, n_embd=64, vocab_size=128, seq_len=16,
+                micro_batch_size=2, steps=1, warmup=0)
+    try:
+        eager = {r["variant"]: r for r in main(**dims)}
+        compiled = {r["variant"]: r for r in main(**dims, compile=True)}
+    finally:
+        torch._dynamo.reset()
+    assert all(r["compiled"] for r in compiled.values()) and not any(r["compiled"] for r in eager.values())
+    for v in (0.0, 0.5, "plain"):
+        assert compiled[v]["aten_ops"] < eager[v]["aten_ops"], v
+    with pytest.raises(SystemExit, match="--compile true times the Table 5 rows"):
+        main(methods=("qlora",), compile=True)
 
 
 def test_variant_order_is_shuffled_every_round_and_seeded():
