@@ -221,6 +221,9 @@ def run(
     record = run_record(method, checkpoint_dir, out_dir, precision, devices, num_nodes, data, train, eval, dropbp,
                         pld, optimizer, logger_name, seed, compile)
     fabric_args, quantize_base = launch_plan(method, precision, devices, num_nodes)
+    if compile and method.name.startswith("adapter"):
+        raise UsageError("--compile true does not work with the adapter recipe: litgpt's adapter caches its prefix in"
+                         " every block's forward, which recompiles the attention branch past Dynamo's limit")
     if compile and quantize_base is not None:
         raise UsageError("--compile true does not work with QLoRA on the CPU: bitsandbytes repacks its 4-bit weights"
                          " at their first call, under a compiled graph that expects the old layout")

@@ -796,9 +796,10 @@ def main(
         raise SystemExit("error: --max_seq_start must be a multiple of --granularity and at most --max_seq_limit")
     if framework not in ("litgpt", "hf") or (framework == "hf" and (profile or find_max_seq_len)):
         raise SystemExit("error: --framework is litgpt or hf; hf measures the Table 5 rows only")
-    if compile and (framework == "hf" or profile or find_max_seq_len or "qlora" in methods and device == "cpu"):
-        raise SystemExit("error: --compile true times the Table 5 rows of litgpt models (not QLoRA on the CPU,"
-                         " whose bitsandbytes weights are repacked at their first call)")
+    if compile and (framework == "hf" or profile or find_max_seq_len or "adapter" in methods
+                    or "qlora" in methods and device == "cpu"):
+        raise SystemExit("error: --compile true times the Table 5 rows of litgpt models, full and (Q)LoRA: not adapter"
+                         " (its prefix cache recompiles), not QLoRA on the CPU (bitsandbytes repacks its weights)")
     if threads is not None:
         torch.set_num_threads(threads)
     dims = dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab_size)

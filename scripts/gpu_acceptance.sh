@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One prepared GPU acceptance run (issue 9), under 6 minutes on one H100/H200 including every model build:
+# One prepared GPU acceptance run (issues 9 and 11), under 8 minutes on one H100/H200 including every model build:
 #   1. Table 5: time per sample, LLaMA2-7B shape (random weights), bf16-true, seq 512, micro-batch 2, for full, lora,
 #      qlora (NF4) and adapter, p = 0 / 0.5 / 0.75 / 0.875, PLD and every-branch-dropped, each beside plain litgpt
-#      (the gates' overhead at p = 0), variants in a shuffled order each round.
+#      (the gates' overhead at p = 0), variants in a shuffled order each round, ATen operators per step; then lora
+#      again with --compile true.
 #   2. Table 3: max sequence length, full fine-tuning, AdamW, micro-batch 1, CUDA allocator capped at 80 GiB (an
 #      A100 80GB), p = 0 / 0.5 / 0.75 / 0.875 with fixed sampling and 0.875 with Bernoulli sampling; every probe in
 #      a probe process that is replaced after any out-of-memory.
@@ -11,7 +12,7 @@
 #   4. pytest -m gpu tests/test_gpu.py.
 # Steps 3 and 4 run beside step 2 (which measures memory, not time); step 1 runs alone.
 #
-# Time limits (seconds): wheels 25, imports 20, Table 5 30 + 35 + 55 + 30, Table 3 110 + 45: 350 in a row;
+# Time limits (seconds): wheels 25, imports 20, Table 5 30 + 35 + 55 + 30 + 90 (compiled), Table 3 110 + 45: 440 in a row;
 # beside Table 3, the built-in model's check (30), then the recipes (90) and the GPU tests (120) end before its 155.
 #
 # Usage, on the GPU machine (no internet; torch and lightning in its image), wheels made as
@@ -110,6 +111,9 @@ for method in full lora qlora adapter; do
   step "table 5 $method" "${T5_LIMIT[$method]}" "$RESULTS/table5.md" "${BENCH[@]}" "${T5[@]}" \
     --methods "[$method]" --compare_plain true --out "$SCRATCH/table5_$method.json"
 done
+# the headline command compiled (--compile true: our branch functions; plain litgpt's blocks), beside plain litgpt
+step "table 5 lora compiled" 90 "$RESULTS/table5.md" "${BENCH[@]}" "${T5[@]}" \
+  --methods "[lora]" --compare_plain true --compile true --out "$SCRATCH/table5_lora_compiled.json"
 
 # --- 2. Table 3 (memory; the GPU's other users below stay far from the card's memory), with 3. and 4. beside it
 (
@@ -157,7 +161,7 @@ wait "$TABLE3"
 import json, sys
 from pathlib import Path
 scratch, results = Path(sys.argv[1]), Path(sys.argv[2])
-for table, parts in (("table5", ["table5_full", "table5_lora", "table5_qlora", "table5_adapter"]),
+for table, parts in (("table5", ["table5_full", "table5_lora", "table5_qlora", "table5_adapter", "table5_lora_compiled"]),
                      ("table3", ["table3_fixed", "table3_bernoulli"])):
     rows, missing = [], []
     for part in parts:

@@ -158,6 +158,7 @@ def test_bad_input_is_one_clear_line(tmp_path, monkeypatch, capsys):
         (lora, ["--eval.evaluate_example", "1000"], "--eval.evaluate_example must be first, random or an index"),
         (qlora, ["--compile", "true"], "--compile true does not work with QLoRA on the CPU"),
         (lora, ["--compile", "true", "--devices", "2"], "--compile true runs on one device"),
+        (adapter, ["--compile", "true"], "--compile true does not work with the adapter recipe"),
     ]
     for recipe, argv, message in cases:
         line = run_cli(recipe, [*argv, *out], monkeypatch, capsys)
