@@ -72,10 +72,10 @@ def _rank_factor(x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     return torch.mm(A, _view(x, (n_in, m), (1, n_in)))
 
 
-def _B_views(B: torch.Tensor, spans: Spans, device: torch.device) -> list:
-    """``B_i`` per adapted block (one 3-d view when the blocks are batched, see :func:`_uniform`)."""
+def _B_views(B: torch.Tensor, spans: Spans, stride: int) -> list:
+    """``B_i`` per adapted block (one 3-d view when the blocks are batched: ``stride``, from :func:`_uniform`)."""
     r = B.shape[1]
-    if _uniform(spans, device):
+    if stride:
         n, width = len(spans), spans[0][1] - spans[0][0]
         return [_view(B, (n, width, r), (width * r, r, 1))]
     if len(spans) == 1:
@@ -83,11 +83,11 @@ def _B_views(B: torch.Tensor, spans: Spans, device: torch.device) -> list:
     return [_view(B, (width, r), (r, 1), b0 * r) for i, c0, width, b0, a0 in _blocks(spans, r)]
 
 
-def _ht_views(ht: torch.Tensor, spans: Spans, device: torch.device) -> list:
+def _ht_views(ht: torch.Tensor, spans: Spans, stride: int) -> list:
     """``ht_i`` per adapted block, laid out as :func:`_B_views`."""
     n = len(spans)
     r, m = ht.shape[0] // n, ht.shape[1]
-    if _uniform(spans, device):
+    if stride:
         return [_view(ht, (n, r, m), (r * m, m, 1))]
     if n == 1:
         return [ht]
@@ -102,8 +102,8 @@ def _lora_forward(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Te
     so that ``B_i`` and ``ht_i``, the views backward needs too, are made once. Returns them."""
     n_out = y.shape[-1]
     m = y.numel() // n_out
-    B_blocks, ht_blocks = _B_views(B, spans, y.device), _ht_views(_rank_factor(x, A), spans, y.device)
     stride = _uniform(spans, y.device)
+    B_blocks, ht_blocks = _B_views(B, spans, stride), _ht_views(_rank_factor(x, A), spans, stride)
     if stride:
         n, width = len(spans), spans[0][1] - spans[0][0]
         _view(y, (n, width, m), (stride, 1, n_out), spans[0][0]).baddbmm_(B_blocks[0], ht_blocks[0], alpha=scaling)
@@ -240,8 +240,9 @@ class _LoRALinear(torch.autograd.Function):
         shared = ctx.shared
         if ctx.merged:
             x, dx, W, A, B = ctx.saved_tensors
-            B_blocks = _B_views(B, ctx.spans, g.device)
-            ht_blocks = _ht_views(_rank_factor(x, A), ctx.spans, g.device) if need_B else None
+            stride = _uniform(ctx.spans, g.device)
+            B_blocks = _B_views(B, ctx.spans, stride)
+            ht_blocks = _ht_views(_rank_factor(x, A), ctx.spans, stride) if need_B else None
         else:
             x, dx, W, A, *blocks = ctx.saved_tensors
             B_blocks, ht_blocks = blocks[:len(blocks) // 2], blocks[len(blocks) // 2:]
