@@ -45,7 +45,7 @@ from dropbp.lr import compensate_lr, param_groups, set_lr
 from finetune.args import DropBPArgs, PLDArgs
 from lit_gpt.data import Alpaca, Builtin  # importing lit_gpt.data also registers Dolly for --data
 from lit_gpt.data.download import download_data_file
-from lit_gpt.gated import compile_branches, set_gate_flops
+from lit_gpt.gated import compile_branches, compile_unsupported, set_gate_flops
 from lit_gpt.quantize import QUANT_DTYPES, quantize_frozen_linears
 from lit_gpt.tiny_model import TINY_MODEL_NOTE, ensure_tiny_checkpoint
 
@@ -221,12 +221,9 @@ def run(
     record = run_record(method, checkpoint_dir, out_dir, precision, devices, num_nodes, data, train, eval, dropbp,
                         pld, optimizer, logger_name, seed, compile)
     fabric_args, quantize_base = launch_plan(method, precision, devices, num_nodes)
-    if compile and method.name.startswith("adapter"):
-        raise UsageError("--compile true does not work with the adapter recipe: litgpt's adapter caches its prefix in"
-                         " every block's forward, which recompiles the attention branch past Dynamo's limit")
-    if compile and quantize_base is not None:
-        raise UsageError("--compile true does not work with QLoRA on the CPU: bitsandbytes repacks its 4-bit weights"
-                         " at their first call, under a compiled graph that expects the old layout")
+    unsupported = compile_unsupported(method.name, quantized_on_cpu=quantize_base is not None) if compile else None
+    if unsupported:
+        raise UsageError(f"--compile true does not work with {unsupported}")
     config = method.config(checkpoint_dir)
     if train.max_seq_length is not None and train.max_seq_length > config.block_size:
         raise UsageError(

@@ -71,6 +71,18 @@ class GatedBlock:
         return add_branch(self.mlp_gate(mlp, self, x, True), x)
 
 
+def compile_unsupported(method: str, quantized_on_cpu: bool) -> Optional[str]:
+    """Why :func:`compile_branches` cannot serve a model of ``method`` ("full", "lora", "qlora", "adapter",
+    "adapter_v2"), or None. ``quantized_on_cpu``: bitsandbytes' 4-bit layers on the CPU (QLoRA there)."""
+    if method.startswith("adapter"):
+        return ("the adapter recipe: litgpt's adapter caches its prefix in every block's forward, which recompiles"
+                " the attention branch past Dynamo's limit")
+    if quantized_on_cpu:
+        return ("QLoRA on the CPU: bitsandbytes repacks its 4-bit weights at their first call, under a compiled"
+                " graph that expects the old layout")
+    return None
+
+
 def compile_branches(model: nn.Module, **compile_options) -> nn.Module:
     """``torch.compile`` the attention and MLP branch functions that every gated block of ``model`` calls through
     its gates. The gate decides outside the compiled code (a dropped branch is called under ``no_grad``), so a

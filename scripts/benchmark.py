@@ -52,7 +52,7 @@ import lit_gpt.adapter_v2
 import lit_gpt.lora
 import lit_gpt.model
 from dropbp import DropBPHandler, PLDHandler
-from lit_gpt.gated import compile_branches, reset_adapter_cache
+from lit_gpt.gated import compile_branches, compile_unsupported, reset_adapter_cache
 
 THEORY = {"full": 2 / 3, "lora": 1 / 2, "qlora": 1 / 2, "adapter": 1 / 2}
 DTYPES = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
@@ -263,50 +263,60 @@ def round_orders(variants: list, rounds: int, seed: int = ORDER_SEED) -> list:
 
 def benchmark(method: str, rates: list, model_name, dims: dict, seq_len: int, micro_batch_size: int, steps: int,
               warmup: int, device: str, dtype, sampling: str, compare_plain: bool, optimizer_step: bool,
-              order_seed: int = ORDER_SEED, framework: str = "litgpt", compile: bool = False) -> list:
+              order_seed: int = ORDER_SEED, framework: str = "litgpt", compile: bool = False,
+              input_grad_floor: bool = False) -> list:
     a0 = allocated(device)
     model = build(method, model_name, dims, seq_len, device, dtype, framework=framework, compile=compile)
     variants = [*rates, "all"] if framework == "hf" else [*rates, "pld", "all"]  # PLD: litgpt models only
-    plain_step, plain_bytes = None, 0
+    others, own_bytes = {}, {}  # variant -> the Step of another model timed beside ours, and its bytes
     if compare_plain:
         a1 = allocated(device)
         plain = build(method, model_name, dims, seq_len, device, dtype, plain=True, framework=framework,
                       compile=compile)
         plain.load_state_dict(model.state_dict())
-        plain_step = Step(quantize(method, plain, dtype, device), device, optimizer_step)
-        plain_bytes = allocated(device) - a1  # plain litgpt's weights (and moments): left out of our model's peak
-        variants.append("plain")
+        others["plain"] = Step(quantize(method, plain, dtype, device), device, optimizer_step)
+        own_bytes["plain"] = allocated(device) - a1
+    if input_grad_floor:  # the same shape, every weight frozen: backward computes input gradients only
+        a1 = allocated(device)
+        frozen = build("full", model_name, dims, seq_len, device, dtype, compile=compile)
+        for name, p in frozen.named_parameters():
+            p.requires_grad_(name == "transformer.wte.weight")  # something upstream must need a gradient
+        others["frozen"] = Step(frozen, device, optimizer_step)
+        own_bytes["frozen"] = allocated(device) - a1
+    variants += list(others)
     model = quantize(method, model, dtype, device)
     handler = DropBPHandler(model, sampling=sampling, seed=0)
     pld = PLDHandler(model, theta_bar=0.5, gamma=0.001, seed=0)
     step = Step(model, device, optimizer_step)
-    step.other_bytes = plain_bytes
-    if plain_step is not None:
-        plain_step.other_bytes = allocated(device) - a0 - plain_bytes
+    total_bytes = allocated(device) - a0
+    step.other_bytes = sum(own_bytes.values())  # the other models' weights (and moments): left out of each peak
+    for v, other in others.items():
+        other.other_bytes = total_bytes - own_bytes[v]
     vocab = dims["vocab_size"] if framework == "hf" else model.config.padded_vocab_size
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, vocab, (micro_batch_size, seq_len), generator=g).to(device)
     y = torch.randint(0, vocab, (micro_batch_size, seq_len), generator=g).to(device)
+
+    def step_of(v) -> Step:
+        """The Step that runs variant ``v``, its gates set (drawing a mask dispatches ATen ops of its own)."""
+        if v in others:
+            return others[v]
+        set_variant(v, handler, pld)
+        return step
+
     timed = {v: [] for v in variants}
     memory = {v: [] for v in variants}
     for i, order in enumerate(round_orders(variants, 1 + warmup + steps, order_seed)):
         untimed = i <= warmup
         for v in order:
-            if v == "plain":
-                out = plain_step(x, y, measure_saved=untimed)
-            else:
-                set_variant(v, handler, pld)
-                out = step(x, y, measure_saved=untimed)
+            out = step_of(v)(x, y, measure_saved=untimed)
             (memory if untimed else timed)[v].append(out)
             if not untimed and out["peak"] is not None:  # GPU: every step's allocator peak counts
                 memory[v].append({"saved": None, "peak": out["peak"]})
     ops = {}  # one more step per variant, profiled (not timed)
     for v in variants:
-        if v == "plain":
-            ops[v] = aten_ops(lambda: plain_step(x, y, measure_saved=False))
-        else:
-            set_variant(v, handler, pld)
-            ops[v] = aten_ops(lambda: step(x, y, measure_saved=False))
+        run = step_of(v)
+        ops[v] = aten_ops(lambda: run(x, y, measure_saved=False))
     pld.disable()
     rows = summarise(method, timed, memory, micro_batch_size, pld_steady_drop(pld), order_seed)
     for row in rows:
@@ -332,7 +342,7 @@ def summarise(method: str, timed: dict, memory: dict, micro_batch_size: int, pld
     rows = []
     for v in timed:
         fw, bw = ms(v, "fw"), ms(v, "bw")
-        rate = {"pld": pld_drop, "all": 1.0, "plain": 0.0}.get(v, v)
+        rate = {"pld": pld_drop, "all": 1.0, "plain": 0.0, "frozen": 0.0}.get(v, v)
         reduction = 1 - (fw + bw) / total0
         # PLD skips forward and backward of a dropped block: its theory is the fraction of the blocks it skips
         theory = pld_drop if v == "pld" else THEORY[method] * rate
@@ -698,7 +708,8 @@ def baseline_name(row: dict) -> str:
 def markdown(rows: list) -> str:
     lines = ["| Method | Variant | FW ms | BW ms | Total ms | Reduction | Theory | Achieved/theory | BW efficiency"
              " | Saved activations | Peak GiB | ATen ops/step |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    names = {"pld": "PLD 0->0.5 (end of schedule)", "all": "all dropped (head only)"}
+    names = {"pld": "PLD 0->0.5 (end of schedule)", "all": "all dropped (head only)",
+             "frozen": "every weight frozen (input gradients only), p=0"}
     for r in rows:
         fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
         saved = "–" if r["saved_bytes_ratio"] is None else f"{r['saved_bytes_ratio']:.3f}"
@@ -752,6 +763,7 @@ def main(
     profile: bool = False,
     framework: str = "litgpt",
     compile: bool = False,
+    input_grad_floor: bool = False,
     out: Optional[Path] = None,
 ) -> list:
     """Print the Table-5-style table (ms per sample, medians of rounds in shuffled order) with the gated-vs-plain
@@ -783,6 +795,8 @@ def main(
             (``torch.profiler``), Python calls (``cProfile``) and microseconds per block forward.
         compile: ``torch.compile`` our branch functions (as the recipes' ``--compile true``) and each block of plain
             litgpt (inductor, dynamic shapes); the untimed rounds compile. Table 5 rows of litgpt models only.
+        input_grad_floor: also time a full model of the same shape with every weight frozen but the embedding, whose
+            backward computes only input gradients: the floor under any PEFT method's backward at p = 0.
     """
     if precision not in DTYPES:
         raise SystemExit(f"error: --precision must be one of {', '.join(DTYPES)}")
@@ -796,10 +810,13 @@ def main(
         raise SystemExit("error: --max_seq_start must be a multiple of --granularity and at most --max_seq_limit")
     if framework not in ("litgpt", "hf") or (framework == "hf" and (profile or find_max_seq_len)):
         raise SystemExit("error: --framework is litgpt or hf; hf measures the Table 5 rows only")
-    if compile and (framework == "hf" or profile or find_max_seq_len or "adapter" in methods
-                    or "qlora" in methods and device == "cpu"):
-        raise SystemExit("error: --compile true times the Table 5 rows of litgpt models, full and (Q)LoRA: not adapter"
-                         " (its prefix cache recompiles), not QLoRA on the CPU (bitsandbytes repacks its weights)")
+    if (compile or input_grad_floor) and (framework == "hf" or profile or find_max_seq_len):
+        raise SystemExit("error: --compile true and --input_grad_floor true time the Table 5 rows of litgpt models")
+    for m in methods if compile else ():
+        unsupported = compile_unsupported(m, quantized_on_cpu=m == "qlora" and device == "cpu")
+        if unsupported:
+            raise SystemExit(f"error: --compile true times the Table 5 rows of litgpt models; it does not work with"
+                             f" {unsupported}")
     if threads is not None:
         torch.set_num_threads(threads)
     dims = dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab_size)
@@ -846,7 +863,8 @@ def main(
         rows = []
         for m in methods:
             rows += benchmark(m, list(rates), model_name, dims, seq_len, micro_batch_size, steps, warmup, device,
-                              dtype, sampling, compare_plain, optimizer_step, framework=framework, compile=compile)
+                              dtype, sampling, compare_plain, optimizer_step, framework=framework, compile=compile,
+                              input_grad_floor=input_grad_floor)
             gc.collect()  # the method's models go before the next one's are built
             if device == "cuda":
                 torch.cuda.empty_cache()

@@ -56,6 +56,18 @@ def test_compiled_rows_and_operator_counts(one_thread):
         main(methods=("qlora",), compile=True)
 
 
+def test_input_gradient_floor_row():
+    """--input_grad_floor true: a full model of the same shape with every weight but the embedding frozen, timed
+    beside ours; its weights are left out of our model's peak."""
+    dims = dict(methods=("lora",), rates=(0.0,), n_layer=2, n_embd=64, vocab_size=128, seq_len=16,
+                micro_batch_size=2, steps=1, warmup=0)
+    rows = {r["variant"]: r for r in main(**dims, input_grad_floor=True)}
+    assert set(rows) == {0.0, "pld", "all", "plain", "frozen"}
+    assert rows["frozen"]["rate"] == 0.0 and rows["frozen"]["bw_ms"] > 0 and rows["frozen"]["aten_ops"] > 0
+    assert rows[0.0]["peak_gib"] == {r["variant"]: r for r in main(**dims)}[0.0]["peak_gib"]
+    assert "every weight frozen (input gradients only)" in markdown(list(rows.values()))
+
+
 def test_variant_order_is_shuffled_every_round_and_seeded():
     variants = [0.0, 0.5, 0.75, 0.875, "pld", "all", "plain"]
     orders = round_orders(variants, 9)

@@ -81,3 +81,18 @@ def test_qlora_explicit_precision_on_gpu_goes_to_the_plugin(monkeypatch, tmp_pat
     assert kwargs["precision"] is None and kwargs["plugins"]._linear_cls.__name__ == "_FP4DQLinear"
     with pytest.raises(trainer.UsageError, match="QLoRA needs one of --precision"):
         plan(monkeypatch, tmp_path, qlora, 1, "bf16 gpu", precision="bf16-mixed")
+
+
+@pytest.mark.parametrize("gpu", GPUS)
+@pytest.mark.parametrize("recipe", [full, lora, qlora, adapter], ids=["full", "lora", "qlora", "adapter"])
+def test_compile_is_handed_to_main_or_refused(monkeypatch, tmp_path, recipe, gpu):
+    """--compile true reaches main on one device (QLoRA on a GPU included: Lightning's bitsandbytes plugin, no CPU
+    repacking); refused for adapter v2 everywhere and for QLoRA on the CPU."""
+    refused = recipe is adapter or (recipe is qlora and gpu == "cpu")
+    extra = {"quantize": "bnb.nf4"} if recipe is qlora else {}
+    if refused:
+        with pytest.raises(trainer.UsageError, match="--compile true does not work with"):
+            plan(monkeypatch, tmp_path, recipe, 1, gpu, compile=True, **extra)
+        return
+    plan(monkeypatch, tmp_path, recipe, 1, gpu, compile=True, **extra)
+    assert RecordingFabric.last.launched["compile"] is True
