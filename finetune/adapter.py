@@ -69,7 +69,7 @@ def setup(
         seed: seed of data order, initialisation and dropout.
         resume: continue from the latest checkpoint in out_dir ("auto") or from a given one.
         overwrite: replace a run already in out_dir (otherwise refused, so that no run is lost).
-        compile: refused for adapter v2 (litgpt's adapter prefix cache recompiles the compiled branch past Dynamo's limit).
+        compile: refused for adapter v2 (litgpt's adapter prefix cache recompiles past Dynamo's limit).
     """
     method = trainer.Method(
         name="adapter_v2",
