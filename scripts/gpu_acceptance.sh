@@ -7,8 +7,8 @@
 #   2. Table 3: max sequence length, full fine-tuning, AdamW, micro-batch 1, CUDA allocator capped at 80 GiB (an
 #      A100 80GB), p = 0 / 0.5 / 0.75 / 0.875 with fixed sampling and 0.875 with Bernoulli sampling; every probe in
 #      a probe process that is replaced after any out-of-memory.
-#   3. The four recipes (finetune/full.py, lora.py, qlora.py, adapter.py) on the built-in tiny model with
-#      --precision bf16-true for 20 steps: exit status and final validation loss.
+#   3. The four recipes (finetune/full.py, lora.py, qlora.py, adapter.py), and qlora.py --compile true, on the
+#      built-in tiny model with --precision bf16-true for 20 steps: exit status and final validation loss.
 #   4. pytest -m gpu tests/test_gpu.py.
 # Steps 3 and 4 run beside step 2 (which measures memory, not time); step 1 runs alone.
 #
@@ -95,6 +95,7 @@ if [[ $DRY_RUN == 1 ]]; then
   RECIPE=(--precision 32-true --train.max_steps 2 --train.global_batch_size 4 --train.micro_batch_size 2
           --train.lr_warmup_steps 1 --eval.max_iters 2 --data Builtin --data.num_samples 64)
   export DROPBP_GPU_TESTS_ON_CPU=1  # tests/test_gpu.py on the CPU
+  COMPILED_RECIPE=lora
 else
   MODEL=(--model_name Llama-2-7b-hf --device cuda --precision bf16-true)
   T5=(--seq_len 512 --micro_batch_size 2 --steps 6 --warmup 1)
@@ -102,6 +103,7 @@ else
   T3_START_FIXED=2048
   T3_START_BERNOULLI=8192
   RECIPE=(--precision bf16-true --train.max_steps 20)
+  COMPILED_RECIPE=qlora
 fi
 BENCH=("$PY" scripts/benchmark.py "${MODEL[@]}")
 
@@ -127,17 +129,21 @@ step "table 5 lora compiled" 90 "$RESULTS/table5.md" "${BENCH[@]}" "${T5[@]}" \
 ) &
 TABLE3=$!
 
-# the built-in model once, before four recipes start at the same time
+# the built-in model once, before five recipe runs start at the same time: the four recipes, and QLoRA with
+# --compile true (on the CPU of the dry run, where QLoRA refuses it, LoRA)
 timeout 30 "$PY" -c "from lit_gpt.tiny_model import ensure_tiny_checkpoint; ensure_tiny_checkpoint()"
+RUNS=(full lora qlora adapter "$COMPILED_RECIPE-compiled")
 RECIPE_PIDS=()
-for recipe in full lora qlora adapter; do
+for run in "${RUNS[@]}"; do
+  recipe=${run%-compiled}
   extra=()
   [[ $recipe == qlora ]] && extra=(--quantize bnb.nf4)
+  [[ $run == *-compiled ]] && extra+=(--compile true)
   (
     t0=$SECONDS
     timeout --kill-after=5 $((90 * SCALE)) "$PY" "finetune/$recipe.py" "${RECIPE[@]}" "${extra[@]}" \
-      --dropbp.rate 0.5 --out_dir "$SCRATCH/recipe_$recipe" > "$SCRATCH/recipe_$recipe.log" 2>&1
-    echo "$? $((SECONDS - t0))" > "$SCRATCH/recipe_$recipe.status"
+      --dropbp.rate 0.5 --out_dir "$SCRATCH/recipe_$run" > "$SCRATCH/recipe_$run.log" 2>&1
+    echo "$? $((SECONDS - t0))" > "$SCRATCH/recipe_$run.status"
   ) &
   RECIPE_PIDS+=($!)
 done
@@ -145,15 +151,15 @@ say "recipes: started (limit $((90 * SCALE))s each)"
 step "pytest -m gpu" 120 "$RESULTS/pytest_gpu.txt" "$PY" -m pytest -m gpu -rs -p no:cacheprovider \
   tests/test_gpu.py
 wait "${RECIPE_PIDS[@]}"
-for recipe in full lora qlora adapter; do
-  read -r status seconds < "$SCRATCH/recipe_$recipe.status"
-  loss=$(grep -o "Final evaluation | val loss: [0-9.]*" "$SCRATCH/recipe_$recipe.log" | tail -1 | grep -o "[0-9.]*$")
-  echo "$recipe: exit $status, ${seconds}s, final val loss ${loss:-none}" | tee -a "$RESULTS/recipes.txt"
+for run in "${RUNS[@]}"; do
+  read -r status seconds < "$SCRATCH/recipe_$run.status"
+  loss=$(grep -o "Final evaluation | val loss: [0-9.]*" "$SCRATCH/recipe_$run.log" | tail -1 | grep -o "[0-9.]*$")
+  echo "$run: exit $status, ${seconds}s, final val loss ${loss:-none}" | tee -a "$RESULTS/recipes.txt"
   if [[ $status != 0 ]]; then
-    { echo "--- last lines of finetune/$recipe.py:"; tail -n 15 "$SCRATCH/recipe_$recipe.log"; } >> "$RESULTS/recipes.txt"
+    { echo "--- last lines of $run:"; tail -n 15 "$SCRATCH/recipe_$run.log"; } >> "$RESULTS/recipes.txt"
   fi
 done
-say "recipes: $(grep -c ': exit 0,' "$RESULTS/recipes.txt")/4 exited 0"
+say "recipes: $(grep -c ': exit 0,' "$RESULTS/recipes.txt")/${#RUNS[@]} exited 0"
 wait "$TABLE3"
 
 # --- merge the per-step JSON rows into one file per table
