@@ -84,3 +84,31 @@ def test_compiled_branches_train_like_eager_with_bounded_graphs(method):
 def test_compile_branches_needs_gates():
     with pytest.raises(ValueError, match="no gated block"):
         compile_branches(torch.nn.Linear(2, 2))
+
+
+def test_compiled_dropped_branches_keep_no_activations_and_get_no_gradient():
+    """Invariants 1-3 under --compile: the forward does not depend on the mask (to compile tolerance), parameters
+    only inside dropped branches get no gradient, and dropped branches save nothing for backward."""
+    from test_invariants import saved_activation_bytes
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = compile_branches(build("full", 4))
+    handler = DropBPHandler(model)
+    x = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(0))
+    inputs, targets = x[:, :-1], x[:, 1:]
+    try:
+        handler.keep_all()
+        kept_logits = model(inputs).detach()
+        kept_bytes = saved_activation_bytes(model, inputs, targets)
+        mask = torch.tensor([True, False] * 4)  # every attention branch dropped, every MLP kept
+        handler.set_mask(mask)
+        torch.testing.assert_close(model(inputs), kept_logits, rtol=1e-5, atol=1e-5)
+        dropped_bytes = saved_activation_bytes(model, inputs, targets)
+        torch.nn.functional.cross_entropy(model(inputs).flatten(0, 1), targets.flatten()).backward()
+    finally:
+        torch._dynamo.reset()
+    for block in model.transformer.h:
+        assert all(p.grad is None for p in block.attn.parameters())
+        assert all(p.grad is not None for p in block.mlp.parameters())
+    assert dropped_bytes < 0.7 * kept_bytes, (dropped_bytes, kept_bytes)  # eager: 0.60, compiled: 0.62
