@@ -5,7 +5,9 @@ an order shuffled by a seeded ``random.Random``, so no variant is always first o
 rounds are reported. Besides the total reduction against appendix B's theory (full: 2/3 p, PEFT: 1/2 p) it reports
 the backward-saving efficiency (BW(0) - BW(p)) / (p * (BW(0) - BW(1))), where BW(1) is the never-droppable part
 (embedding, final norm, head, loss), measured with every branch dropped, and the overhead of our gated model at
-p = 0 against plain, unpatched litgpt on the same inputs: the median over rounds of the paired ratio.
+p = 0 against plain, unpatched litgpt on the same inputs: the median over rounds of the paired ratio. With
+``--beside_full true`` full fine-tuning at p = 0 runs in every PEFT method's rounds too, for the PEFT method's time
+over full fine-tuning's, paired the same way.
 The first ``1 + warmup`` rounds are untimed; they measure memory (a saved-tensors hook counts the activations kept
 for backward, a Python call per saved tensor that the timed rounds do not carry).
 
@@ -18,6 +20,7 @@ then bisects to ``--granularity`` tokens, guided by the measured peaks of the le
     python scripts/benchmark.py --n_layer 8 --n_embd 256 --seq_len 256 --micro_batch_size 4
     python scripts/benchmark.py --model_name Llama-2-7b-hf --precision bf16-true --device cuda --seq_len 512 \
         --micro_batch_size 2
+    python scripts/benchmark.py --methods '[lora]' --rates '[0.0]' --beside_full true --input_grad_floor true
     python scripts/benchmark.py --profile true --n_embd 64 --seq_len 16 --micro_batch_size 1   # the gates' cost
     python scripts/benchmark.py --find_max_seq_len true --methods '[full]' --rates '[0.0, 0.875]' --memory_budget 2.0
     python scripts/benchmark.py --find_max_seq_len true --model_name Llama-2-7b-hf --precision bf16-true \
@@ -264,7 +267,7 @@ def round_orders(variants: list, rounds: int, seed: int = ORDER_SEED) -> list:
 def benchmark(method: str, rates: list, model_name, dims: dict, seq_len: int, micro_batch_size: int, steps: int,
               warmup: int, device: str, dtype, sampling: str, compare_plain: bool, optimizer_step: bool,
               order_seed: int = ORDER_SEED, framework: str = "litgpt", compile: bool = False,
-              input_grad_floor: bool = False) -> list:
+              input_grad_floor: bool = False, beside_full: bool = False) -> list:
     a0 = allocated(device)
     model = build(method, model_name, dims, seq_len, device, dtype, framework=framework, compile=compile)
     variants = [*rates, "all"] if framework == "hf" else [*rates, "pld", "all"]  # PLD: litgpt models only
@@ -283,6 +286,11 @@ def benchmark(method: str, rates: list, model_name, dims: dict, seq_len: int, mi
             p.requires_grad_(name == "transformer.wte.weight")  # something upstream must need a gradient
         others["frozen"] = Step(frozen, device, optimizer_step)
         own_bytes["frozen"] = allocated(device) - a1
+    if beside_full and method != "full":  # PEFT against full fine-tuning in the same rounds: paired ratios
+        a1 = allocated(device)
+        others["full"] = Step(build("full", model_name, dims, seq_len, device, dtype, compile=compile), device,
+                              optimizer_step)
+        own_bytes["full"] = allocated(device) - a1
     variants += list(others)
     model = quantize(method, model, dtype, device)
     handler = DropBPHandler(model, sampling=sampling, seed=0)
@@ -342,7 +350,7 @@ def summarise(method: str, timed: dict, memory: dict, micro_batch_size: int, pld
     rows = []
     for v in timed:
         fw, bw = ms(v, "fw"), ms(v, "bw")
-        rate = {"pld": pld_drop, "all": 1.0, "plain": 0.0, "frozen": 0.0}.get(v, v)
+        rate = {"pld": pld_drop, "all": 1.0, "plain": 0.0, "frozen": 0.0, "full": 0.0}.get(v, v)
         reduction = 1 - (fw + bw) / total0
         # PLD skips forward and backward of a dropped block: its theory is the fraction of the blocks it skips
         theory = pld_drop if v == "pld" else THEORY[method] * rate
@@ -357,21 +365,45 @@ def summarise(method: str, timed: dict, memory: dict, micro_batch_size: int, pld
         }
         if v == "plain":
             row.update(overhead(timed[0.0], timed["plain"]))
+        if v == "full":
+            row.update(against_full(timed[0.0], timed["full"], timed.get("frozen")))
         rows.append(row)
     return rows
 
 
-def overhead(ours: list, plain: list) -> dict:
-    """Gated model at p = 0 against plain litgpt, paired by round (both ran in the same round, in shuffled order):
-    the median and quartiles over rounds of ours / plain - 1, for the total and for forward and backward."""
-    def paired(key):
-        return [(o["fw"] + o["bw"]) / (p["fw"] + p["bw"]) - 1 if key == "total" else o[key] / p[key] - 1
-                for o, p in zip(ours, plain)]
+def paired(ours: list, other: list, key: str) -> list:
+    """Per round, ``ours / other`` of the forward, backward or "total" time: both ran in the same round, in
+    shuffled order, so load drift between rounds cancels."""
+    def value(r):
+        return r["fw"] + r["bw"] if key == "total" else r[key]
 
-    total = paired("total")
-    quartiles = statistics.quantiles(total, n=4) if len(total) > 1 else [total[0]] * 3
-    return {"overhead": statistics.median(total), "overhead_q1": quartiles[0], "overhead_q3": quartiles[2],
-            "overhead_fw": statistics.median(paired("fw")), "overhead_bw": statistics.median(paired("bw"))}
+    return [value(o) / value(p) for o, p in zip(ours, other)]
+
+
+def median_and_quartiles(values: list) -> tuple:
+    quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return statistics.median(values), quartiles[0], quartiles[2]
+
+
+def overhead(ours: list, plain: list) -> dict:
+    """Gated model at p = 0 against plain litgpt, paired by round: the median and quartiles over rounds of
+    ours / plain - 1, for the total and for forward and backward."""
+    total, q1, q3 = median_and_quartiles([r - 1 for r in paired(ours, plain, "total")])
+    return {"overhead": total, "overhead_q1": q1, "overhead_q3": q3,
+            "overhead_fw": statistics.median(paired(ours, plain, "fw")) - 1,
+            "overhead_bw": statistics.median(paired(ours, plain, "bw")) - 1}
+
+
+def against_full(ours: list, full: list, frozen: Optional[list]) -> dict:
+    """A PEFT method at p = 0 against full fine-tuning at p = 0 (both gated), paired by round: medians and
+    quartiles of ours / full for forward, backward and total; with the input-gradient floor timed in the same
+    rounds, its backward over full's too."""
+    row = {}
+    for key in ("fw", "bw", "total"):
+        row[f"{key}_vs_full"], row[f"{key}_vs_full_q1"], row[f"{key}_vs_full_q3"] = median_and_quartiles(
+            paired(ours, full, key))
+    row["floor_bw_vs_full"] = statistics.median(paired(frozen, full, "bw")) if frozen else None
+    return row
 
 
 def overhead_line(method: str, plain_row: dict, ours_ops: int) -> str:
@@ -701,6 +733,15 @@ def find_max_seq(method, rates, model_name, dims, micro_batch_size, device, prec
 
 
 # -------------------------------------------------------------------------------------------- output
+def against_full_line(method: str, full_row: dict) -> str:
+    r = full_row
+    ratio = lambda key: f"{r[key]:.2f}x [{r[key + '_q1']:.2f}, {r[key + '_q3']:.2f}]"  # noqa: E731
+    floor = r["floor_bw_vs_full"]
+    return (f"{method} vs full fine-tuning (both gated, p=0): FW {ratio('fw_vs_full')}, BW {ratio('bw_vs_full')},"
+            f" total {ratio('total_vs_full')}; median [quartiles] of {r['timed_rounds']} paired rounds"
+            + ("" if floor is None else f"; input-gradient floor BW {floor:.2f}x full"))
+
+
 def baseline_name(row: dict) -> str:
     return "the unpatched Transformers model" if row.get("framework") == "hf" else "plain litgpt"
 
@@ -709,7 +750,7 @@ def markdown(rows: list) -> str:
     lines = ["| Method | Variant | FW ms | BW ms | Total ms | Reduction | Theory | Achieved/theory | BW efficiency"
              " | Saved activations | Peak GiB | ATen ops/step |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     names = {"pld": "PLD 0->0.5 (end of schedule)", "all": "all dropped (head only)",
-             "frozen": "every weight frozen (input gradients only), p=0"}
+             "frozen": "every weight frozen (input gradients only), p=0", "full": "full fine-tuning (gated), p=0"}
     for r in rows:
         fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
         saved = "–" if r["saved_bytes_ratio"] is None else f"{r['saved_bytes_ratio']:.3f}"
@@ -764,6 +805,7 @@ def main(
     framework: str = "litgpt",
     compile: bool = False,
     input_grad_floor: bool = False,
+    beside_full: bool = False,
     out: Optional[Path] = None,
 ) -> list:
     """Print the Table-5-style table (ms per sample, medians of rounds in shuffled order) with the gated-vs-plain
@@ -797,6 +839,9 @@ def main(
             litgpt (inductor, dynamic shapes); the untimed rounds compile. Table 5 rows of litgpt models only.
         input_grad_floor: also time a full model of the same shape with every weight frozen but the embedding, whose
             backward computes only input gradients: the floor under any PEFT method's backward at p = 0.
+        beside_full: time full fine-tuning at p = 0 in the same rounds as each PEFT method, and print the PEFT
+            method's FW, BW and total time over full's, paired by round (and the floor's BW over full's, with
+            ``--input_grad_floor``).
     """
     if precision not in DTYPES:
         raise SystemExit(f"error: --precision must be one of {', '.join(DTYPES)}")
@@ -810,8 +855,9 @@ def main(
         raise SystemExit("error: --max_seq_start must be a multiple of --granularity and at most --max_seq_limit")
     if framework not in ("litgpt", "hf") or (framework == "hf" and (profile or find_max_seq_len)):
         raise SystemExit("error: --framework is litgpt or hf; hf measures the Table 5 rows only")
-    if (compile or input_grad_floor) and (framework == "hf" or profile or find_max_seq_len):
-        raise SystemExit("error: --compile true and --input_grad_floor true time the Table 5 rows of litgpt models")
+    if (compile or input_grad_floor or beside_full) and (framework == "hf" or profile or find_max_seq_len):
+        raise SystemExit("error: --compile, --input_grad_floor and --beside_full time the Table 5 rows of litgpt"
+                         " models")
     for m in methods if compile else ():
         unsupported = compile_unsupported(m, quantized_on_cpu=m == "qlora" and device == "cpu")
         if unsupported:
@@ -864,7 +910,7 @@ def main(
         for m in methods:
             rows += benchmark(m, list(rates), model_name, dims, seq_len, micro_batch_size, steps, warmup, device,
                               dtype, sampling, compare_plain, optimizer_step, framework=framework, compile=compile,
-                              input_grad_floor=input_grad_floor)
+                              input_grad_floor=input_grad_floor, beside_full=beside_full)
             gc.collect()  # the method's models go before the next one's are built
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -876,6 +922,8 @@ def main(
             if r["variant"] == "plain":
                 ours = next(o for o in rows if o["method"] == r["method"] and o["variant"] == 0.0)
                 print(overhead_line(r["method"], r, ours["aten_ops"]))
+            if r["variant"] == "full":
+                print(against_full_line(r["method"], r))
     if out is not None:
         Path(out).write_text(json.dumps(rows, indent=2))
     return rows

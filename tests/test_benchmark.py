@@ -68,6 +68,29 @@ def test_input_gradient_floor_row():
     assert "every weight frozen (input gradients only)" in markdown(list(rows.values()))
 
 
+def test_peft_beside_full_fine_tuning(capsys):
+    """--beside_full true: full fine-tuning at p = 0 timed in LoRA's rounds, for paired LoRA / full ratios (the
+    issue-11 targets, measured side by side in one run), with the input-gradient floor's backward over full's."""
+    dims = dict(rates=(0.0,), n_layer=2, n_embd=64, vocab_size=128, seq_len=16, micro_batch_size=2, steps=3,
+                warmup=0, compare_plain=False)
+    rows = main(methods=("full", "lora"), **dims, input_grad_floor=True, beside_full=True)
+    assert [(r["method"], r["variant"]) for r in rows if r["variant"] in ("full", "frozen")] == [
+        ("full", "frozen"), ("lora", "frozen"), ("lora", "full")]  # full's own section gets no second full model
+    lora = {r["variant"]: r for r in rows if r["method"] == "lora"}
+    full = lora["full"]
+    assert full["rate"] == 0.0 and full["aten_ops"] == next(
+        r["aten_ops"] for r in rows if r["method"] == "full" and r["variant"] == 0.0)  # the same gated full model
+    for key in ("fw", "bw", "total"):
+        assert full[f"{key}_vs_full_q1"] <= full[f"{key}_vs_full"] <= full[f"{key}_vs_full_q3"]
+    assert full["floor_bw_vs_full"] > 0
+    assert lora[0.0]["peak_gib"] == {r["variant"]: r for r in main(methods=("lora",), **dims)}[0.0]["peak_gib"]
+    out = capsys.readouterr().out
+    assert "full fine-tuning (gated), p=0" in out
+    assert "lora vs full fine-tuning (both gated, p=0): FW " in out and "input-gradient floor BW" in out
+    with pytest.raises(SystemExit, match="--beside_full time the Table 5 rows"):
+        main(methods=("lora",), beside_full=True, profile=True)
+
+
 def test_variant_order_is_shuffled_every_round_and_seeded():
     variants = [0.0, 0.5, 0.75, 0.875, "pld", "all", "plain"]
     orders = round_orders(variants, 9)
