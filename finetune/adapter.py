@@ -69,7 +69,7 @@ def setup(
         seed: seed of data order, initialisation and dropout.
         resume: continue from the latest checkpoint in out_dir ("auto") or from a given one.
         overwrite: replace a run already in out_dir (otherwise refused, so that no run is lost).
-        compile: refused for adapter v2 (litgpt's adapter prefix cache recompiles past Dynamo's limit).
+        compile: torch.compile each block's attention and MLP branch (one device; the first steps compile).
     """
     method = trainer.Method(
         name="adapter_v2",

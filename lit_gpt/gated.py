@@ -74,9 +74,6 @@ class GatedBlock:
 def compile_unsupported(method: str, quantized_on_cpu: bool) -> Optional[str]:
     """Why :func:`compile_branches` cannot serve a model of ``method`` ("full", "lora", "qlora", "adapter",
     "adapter_v2"), or None. ``quantized_on_cpu``: bitsandbytes' 4-bit layers on the CPU (QLoRA there)."""
-    if method.startswith("adapter"):
-        return ("the adapter recipe: litgpt's adapter caches its prefix in every block's forward, which recompiles"
-                " the attention branch past Dynamo's limit")
     if quantized_on_cpu:
         return ("QLoRA on the CPU: bitsandbytes repacks its 4-bit weights at their first call, under a compiled"
                 " graph that expects the old layout")
@@ -88,10 +85,13 @@ def compile_branches(model: nn.Module, **compile_options) -> nn.Module:
     its gates. The gate decides outside the compiled code (a dropped branch is called under ``no_grad``), so a
     branch needs a graph per grad mode and per whether its input requires grad (with LoRA, not before the first
     kept branch with a trainable parameter), and one for evaluation: at most five, never one per drop mask, and
-    shared by the blocks. Shapes are dynamic from the start (fine-tuning batches vary in length), and Dynamo's
+    shared by the blocks. Shapes are dynamic from the start (fine-tuning batches vary in length), and so are integer
+    attributes of modules: litgpt's adapters test their block's ``block_idx`` against ``adapter_start_layer``, and a
+    static index would compile a graph per block (then two, with and without the adapter prompt). Dynamo's
     recompile limit is raised to 16, so that no branch falls back to eager. Embedding, head and loss stay eager;
     generation with a KV cache runs the eager branches."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+    torch._dynamo.config.allow_unspec_int_on_nn_module = True
     compile_options = {"dynamic": True, **compile_options}
     branches = (torch.compile(attention_branch, **compile_options), torch.compile(mlp_branch, **compile_options))
     blocks = [m for m in model.modules() if isinstance(m, GatedBlock)]

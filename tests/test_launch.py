@@ -87,8 +87,8 @@ def test_qlora_explicit_precision_on_gpu_goes_to_the_plugin(monkeypatch, tmp_pat
 @pytest.mark.parametrize("recipe", [full, lora, qlora, adapter], ids=["full", "lora", "qlora", "adapter"])
 def test_compile_is_handed_to_main_or_refused(monkeypatch, tmp_path, recipe, gpu):
     """--compile true reaches main on one device (QLoRA on a GPU included: Lightning's bitsandbytes plugin, no CPU
-    repacking); refused for adapter v2 everywhere and for QLoRA on the CPU."""
-    refused = recipe is adapter or (recipe is qlora and gpu == "cpu")
+    repacking); refused for QLoRA on the CPU."""
+    refused = recipe is qlora and gpu == "cpu"
     extra = {"quantize": "bnb.nf4"} if recipe is qlora else {}
     if refused:
         with pytest.raises(trainer.UsageError, match="--compile true does not work with"):

@@ -59,18 +59,21 @@ def test_recipe_runs_with_sensitivity_allocation(tmp_path, recipe, final_file):
         model.load_state_dict(torch.load(tmp_path / "final" / "lit_model.pth", weights_only=True))
 
 
-def test_compiled_branches_recipe(tmp_path, capsys):
-    """``--compile true``: the LoRA recipe with litgpt's default targets (q and v), sensitivity pass and PLD-free
-    DropBP, batches of varying length (dynamic shapes), trains, validates, saves and records the option."""
+@pytest.mark.parametrize("recipe, weights", [(lora, "lit_model.pth"), (adapter, "lit_model.pth.adapter_v2")],
+                         ids=["lora", "adapter"])
+def test_compiled_branches_recipe(tmp_path, capsys, recipe, weights):
+    """``--compile true``: the LoRA recipe with litgpt's default targets (q and v), and the adapter-v2 recipe, with a
+    sensitivity pass and DropBP, batches of varying length (dynamic shapes), train, validate, save and record the
+    option."""
     import torch._dynamo
 
+    targets = dict(lora_key=False, lora_projection=False, lora_mlp=False) if recipe is lora else {}
     try:
-        lora.setup(lora_key=False, lora_projection=False, lora_mlp=False, compile=True,
-                   dropbp=DropBPArgs(rate=0.5, sensitivity_at=0.25), **fast(tmp_path))
+        recipe.setup(**targets, compile=True, dropbp=DropBPArgs(rate=0.5, sensitivity_at=0.25), **fast(tmp_path))
     finally:
         torch._dynamo.reset()
     assert "branches compiled" in capsys.readouterr().out
-    assert (tmp_path / "final" / "lit_model.pth").is_file()
+    assert (tmp_path / "final" / weights).is_file()
     assert "compile: true" in (tmp_path / "final" / "hyperparameters.yaml").read_text()
     assert sorted(logged(tmp_path)) == [1, 2, 3, 4]
 
@@ -158,7 +161,6 @@ def test_bad_input_is_one_clear_line(tmp_path, monkeypatch, capsys):
         (lora, ["--eval.evaluate_example", "1000"], "--eval.evaluate_example must be first, random or an index"),
         (qlora, ["--compile", "true"], "--compile true does not work with QLoRA on the CPU"),
         (lora, ["--compile", "true", "--devices", "2"], "--compile true runs on one device"),
-        (adapter, ["--compile", "true"], "--compile true does not work with the adapter recipe"),
     ]
     for recipe, argv, message in cases:
         line = run_cli(recipe, [*argv, *out], monkeypatch, capsys)
