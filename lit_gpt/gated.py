@@ -87,7 +87,8 @@ def compile_branches(model: nn.Module, **compile_options) -> nn.Module:
     kept branch with a trainable parameter), and one for evaluation: at most five, never one per drop mask, and
     shared by the blocks. Shapes are dynamic from the start (fine-tuning batches vary in length), and so are integer
     attributes of modules: litgpt's adapters test their block's ``block_idx`` against ``adapter_start_layer``, and a
-    static index would compile a graph per block (then two, with and without the adapter prompt). Dynamo's
+    static index would compile a graph per block; dynamic, the adapter's attention branch needs those graphs for two
+    kinds of block (with and without the prompt), plus one for evaluation with the prompt cached. Dynamo's
     recompile limit is raised to 16, so that no branch falls back to eager. Embedding, head and loss stay eager;
     generation with a KV cache runs the eager branches."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
