@@ -221,7 +221,7 @@ def run(
     record = run_record(method, checkpoint_dir, out_dir, precision, devices, num_nodes, data, train, eval, dropbp,
                         pld, optimizer, logger_name, seed, compile)
     fabric_args, quantize_base = launch_plan(method, precision, devices, num_nodes)
-    unsupported = compile_unsupported(method.name, quantized_on_cpu=quantize_base is not None) if compile else None
+    unsupported = compile_unsupported(quantized_on_cpu=quantize_base is not None) if compile else None
     if unsupported:
         raise UsageError(f"--compile true does not work with {unsupported}")
     config = method.config(checkpoint_dir)

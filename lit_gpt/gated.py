@@ -71,9 +71,9 @@ class GatedBlock:
         return add_branch(self.mlp_gate(mlp, self, x, True), x)
 
 
-def compile_unsupported(method: str, quantized_on_cpu: bool) -> Optional[str]:
-    """Why :func:`compile_branches` cannot serve a model of ``method`` ("full", "lora", "qlora", "adapter",
-    "adapter_v2"), or None. ``quantized_on_cpu``: bitsandbytes' 4-bit layers on the CPU (QLoRA there)."""
+def compile_unsupported(quantized_on_cpu: bool) -> Optional[str]:
+    """Why :func:`compile_branches` cannot serve a model, or None: every gated model compiles except one with
+    bitsandbytes' 4-bit layers on the CPU (``quantized_on_cpu``: QLoRA there)."""
     if quantized_on_cpu:
         return ("QLoRA on the CPU: bitsandbytes repacks its 4-bit weights at their first call, under a compiled"
                 " graph that expects the old layout")

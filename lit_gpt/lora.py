@@ -94,6 +94,13 @@ def _ht_views(ht: torch.Tensor, spans: Spans, stride: int) -> list:
     return [_view(ht, (r, m), (m, 1), a0 * m) for i, c0, width, b0, a0 in _blocks(spans, r)]
 
 
+def _factor_views(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, spans: Spans, with_ht: bool = True) -> tuple:
+    """The batched-blocks stride (:func:`_uniform`), ``B_i`` and ``ht_i`` per block (None without ``with_ht``): the
+    views forward updates through and backward differentiates through, made alike by both."""
+    stride = _uniform(spans, x.device)
+    return stride, _B_views(B, spans, stride), _ht_views(_rank_factor(x, A), spans, stride) if with_ht else None
+
+
 def _lora_forward(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
                   spans: Spans) -> tuple:
     """``y[..., c0:c1] += scaling * (x A_i^T) B_i^T`` for each block, in place (``y`` and ``x`` contiguous).
@@ -102,8 +109,7 @@ def _lora_forward(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Te
     so that ``B_i`` and ``ht_i``, the views backward needs too, are made once. Returns them."""
     n_out = y.shape[-1]
     m = y.numel() // n_out
-    stride = _uniform(spans, y.device)
-    B_blocks, ht_blocks = _B_views(B, spans, stride), _ht_views(_rank_factor(x, A), spans, stride)
+    stride, B_blocks, ht_blocks = _factor_views(x, A, B, spans)
     if stride:
         n, width = len(spans), spans[0][1] - spans[0][0]
         _view(y, (n, width, m), (stride, 1, n_out), spans[0][0]).baddbmm_(B_blocks[0], ht_blocks[0], alpha=scaling)
@@ -128,9 +134,9 @@ def _merged_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: f
     if len(spans) == 1 and spans[0][1] - spans[0][0] == n_out:
         return torch.addmm(W, B, A, alpha=scaling)
     merged = W.clone()
-    for i, c0, width, b0, a0 in _blocks(spans, r):
+    for (i, c0, width, b0, a0), B_i in zip(_blocks(spans, r), _B_views(B, spans, 0)):
         _view(merged, (width, n_in), (n_in, 1), c0 * n_in).addmm_(
-            _view(B, (width, r), (r, 1), b0 * r), _view(A, (r, n_in), (n_in, 1), a0 * n_in), alpha=scaling)
+            B_i, _view(A, (r, n_in), (n_in, 1), a0 * n_in), alpha=scaling)
     return merged
 
 
@@ -240,9 +246,7 @@ class _LoRALinear(torch.autograd.Function):
         shared = ctx.shared
         if ctx.merged:
             x, dx, W, A, B = ctx.saved_tensors
-            stride = _uniform(ctx.spans, g.device)
-            B_blocks = _B_views(B, ctx.spans, stride)
-            ht_blocks = _ht_views(_rank_factor(x, A), ctx.spans, stride) if need_B else None
+            _, B_blocks, ht_blocks = _factor_views(x, A, B, ctx.spans, with_ht=need_B)
         else:
             x, dx, W, A, *blocks = ctx.saved_tensors
             B_blocks, ht_blocks = blocks[:len(blocks) // 2], blocks[len(blocks) // 2:]

@@ -272,25 +272,27 @@ def benchmark(method: str, rates: list, model_name, dims: dict, seq_len: int, mi
     model = build(method, model_name, dims, seq_len, device, dtype, framework=framework, compile=compile)
     variants = [*rates, "all"] if framework == "hf" else [*rates, "pld", "all"]  # PLD: litgpt models only
     others, own_bytes = {}, {}  # variant -> the Step of another model timed beside ours, and its bytes
+
+    def beside(variant: str, other: torch.nn.Module, start_bytes: int) -> None:
+        """Time ``other`` in our rounds; what it allocated since ``start_bytes`` is left out of the others' peaks."""
+        others[variant] = Step(other, device, optimizer_step)
+        own_bytes[variant] = allocated(device) - start_bytes
+
     if compare_plain:
         a1 = allocated(device)
         plain = build(method, model_name, dims, seq_len, device, dtype, plain=True, framework=framework,
                       compile=compile)
         plain.load_state_dict(model.state_dict())
-        others["plain"] = Step(quantize(method, plain, dtype, device), device, optimizer_step)
-        own_bytes["plain"] = allocated(device) - a1
+        beside("plain", quantize(method, plain, dtype, device), a1)
     if input_grad_floor:  # the same shape, every weight frozen: backward computes input gradients only
         a1 = allocated(device)
         frozen = build("full", model_name, dims, seq_len, device, dtype, compile=compile)
         for name, p in frozen.named_parameters():
             p.requires_grad_(name == "transformer.wte.weight")  # something upstream must need a gradient
-        others["frozen"] = Step(frozen, device, optimizer_step)
-        own_bytes["frozen"] = allocated(device) - a1
+        beside("frozen", frozen, a1)
     if beside_full and method != "full":  # PEFT against full fine-tuning in the same rounds: paired ratios
         a1 = allocated(device)
-        others["full"] = Step(build("full", model_name, dims, seq_len, device, dtype, compile=compile), device,
-                              optimizer_step)
-        own_bytes["full"] = allocated(device) - a1
+        beside("full", build("full", model_name, dims, seq_len, device, dtype, compile=compile), a1)
     variants += list(others)
     model = quantize(method, model, dtype, device)
     handler = DropBPHandler(model, sampling=sampling, seed=0)
@@ -858,11 +860,10 @@ def main(
     if (compile or input_grad_floor or beside_full) and (framework == "hf" or profile or find_max_seq_len):
         raise SystemExit("error: --compile, --input_grad_floor and --beside_full time the Table 5 rows of litgpt"
                          " models")
-    for m in methods if compile else ():
-        unsupported = compile_unsupported(m, quantized_on_cpu=m == "qlora" and device == "cpu")
-        if unsupported:
-            raise SystemExit(f"error: --compile true times the Table 5 rows of litgpt models; it does not work with"
-                             f" {unsupported}")
+    unsupported = compile_unsupported(quantized_on_cpu="qlora" in methods and device == "cpu") if compile else None
+    if unsupported:
+        raise SystemExit(f"error: --compile true times the Table 5 rows of litgpt models; it does not work with"
+                         f" {unsupported}")
     if threads is not None:
         torch.set_num_threads(threads)
     dims = dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab_size)
