@@ -19,7 +19,11 @@ to a run without dropping. It depends on the optimizer:
   micro-batches is noisier, and Adam's normalised step is then somewhat shorter (~0.9x of the no-drop run's at
   accum 64, p_i = 0.9, per-micro-batch noise as large as the mean gradient; ~0.7x at three times that noise).
 - SGD (with or without momentum) is linear in the gradient, so the expected update shrinks by (1 - p_i) whatever
-  accum is: the factor is 1/(1 - p_i).
+  accum is: the factor is 1/(1 - p_i). SGD's weight decay is not shrunk: it acts in every step where the branch
+  has a gradient (probability 1 - p_i ** accum), so scaled by the same 1/(1 - p_i) it would decay
+  (1 - p_i ** accum) / (1 - p_i) times too much (~10x at p_i = 0.9, accum 64). Its coefficient is therefore scaled
+  by (1 - p_i) / (1 - p_i ** accum): lr x weight decay x P(updated) is then the no-drop run's. (AdamW's decoupled
+  decay needs nothing: it is scaled by the same 1 / P(updated) as its step.)
 
 The optimizer gets one parameter group per gate (plus one for everything else), each with an ``lr_scale``; a
 schedule composes with it by setting ``group["lr"] = schedule_lr * group["lr_scale"]`` (see :func:`set_lr`).
@@ -60,15 +64,19 @@ def compensate_lr(
     optimizer: torch.optim.Optimizer, handler: DropBPHandler, enabled: bool = True, accum: int = 1
 ) -> None:
     """Set each group's ``lr_scale`` from its gate's drop rate p_i and the micro-batches per step ``accum``:
-    1 / (1 - p_i ** accum), or 1 / (1 - p_i) when the optimizer is SGD (1.0 when disabled, and for the rest group).
-    Call again after the rates change (sensitivity allocation)."""
+    1 / (1 - p_i ** accum), or 1 / (1 - p_i) when the optimizer is SGD, whose weight decay is then scaled by
+    (1 - p_i) / (1 - p_i ** accum) (1.0 when disabled, and for the rest group). Call again after the rates change
+    (sensitivity allocation)."""
     if accum < 1:
         raise ValueError(f"accum must be >= 1, got {accum}")
     adaptive = not isinstance(optimizer, torch.optim.SGD)
     for group in optimizer.param_groups:
         gate = group.get("dropbp_gate")
-        use = enabled and gate is not None
-        group["lr_scale"] = lr_scale(float(handler.rates[gate]), accum, adaptive) if use else 1.0
+        rate = float(handler.rates[gate]) if enabled and gate is not None else 0.0
+        group["lr_scale"] = lr_scale(rate, accum, adaptive)
+        if not adaptive:  # SGD: decay as often as the branch is updated, not 1/(1 - p) times as strongly
+            base = group.setdefault("base_weight_decay", group.get("weight_decay", 0.0))
+            group["weight_decay"] = base * update_probability(rate) / update_probability(rate, accum)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -80,6 +80,9 @@ def compile_unsupported(quantized_on_cpu: bool) -> Optional[str]:
     return None
 
 
+BRANCH_DYNAMO_CONFIG = dict(recompile_limit=16, allow_unspec_int_on_nn_module=True)  # see compile_branches
+
+
 def compile_branches(model: nn.Module, **compile_options) -> nn.Module:
     """``torch.compile`` the attention and MLP branch functions that every gated block of ``model`` calls through
     its gates. The gate decides outside the compiled code (a dropped branch is called under ``no_grad``), so a
@@ -89,12 +92,12 @@ def compile_branches(model: nn.Module, **compile_options) -> nn.Module:
     attributes of modules: litgpt's adapters test their block's ``block_idx`` against ``adapter_start_layer``, and a
     static index would compile a graph per block; dynamic, the adapter's attention branch needs those graphs for two
     kinds of block (with and without the prompt), plus one for evaluation with the prompt cached. Dynamo's
-    recompile limit is raised to 16, so that no branch falls back to eager. Embedding, head and loss stay eager;
-    generation with a KV cache runs the eager branches."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
-    torch._dynamo.config.allow_unspec_int_on_nn_module = True
+    recompile limit is raised to 16, so that no branch falls back to eager. Both settings hold only while a compiled
+    branch runs (:data:`BRANCH_DYNAMO_CONFIG`): the rest of the process, a user's own compiled modules included,
+    keeps Dynamo's. Embedding, head and loss stay eager; generation with a KV cache runs the eager branches."""
     compile_options = {"dynamic": True, **compile_options}
-    branches = (torch.compile(attention_branch, **compile_options), torch.compile(mlp_branch, **compile_options))
+    with_settings = torch._dynamo.config.patch(**BRANCH_DYNAMO_CONFIG)  # re-entrant: a stack of saved values
+    branches = tuple(with_settings(torch.compile(f, **compile_options)) for f in (attention_branch, mlp_branch))
     blocks = [m for m in model.modules() if isinstance(m, GatedBlock)]
     if not blocks:
         raise ValueError("compile_branches: the model has no gated block (build it from lit_gpt)")

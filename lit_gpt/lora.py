@@ -95,10 +95,12 @@ def _ht_views(ht: torch.Tensor, spans: Spans, stride: int) -> list:
 
 
 def _factor_views(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, spans: Spans, with_ht: bool = True) -> tuple:
-    """The batched-blocks stride (:func:`_uniform`), ``B_i`` and ``ht_i`` per block (None without ``with_ht``): the
-    views forward updates through and backward differentiates through, made alike by both."""
-    stride = _uniform(spans, x.device)
-    return stride, _B_views(B, spans, stride), _ht_views(_rank_factor(x, A), spans, stride) if with_ht else None
+    """The batched-blocks stride (:func:`_uniform`), ``B_i`` and ``ht_i`` per block: the views forward updates
+    through and backward differentiates through, made alike by both. Without ``with_ht`` (lora_B needs no gradient)
+    each ``ht_i`` is None, as forward saves them then, and ``x`` may be None."""
+    stride = _uniform(spans, B.device)
+    B_blocks = _B_views(B, spans, stride)
+    return stride, B_blocks, _ht_views(_rank_factor(x, A), spans, stride) if with_ht else [None] * len(B_blocks)
 
 
 def _lora_forward(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,

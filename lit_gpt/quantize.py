@@ -3,6 +3,13 @@
 On GPU the recipe lets Lightning's bitsandbytes precision plugin quantize the base (litgpt's `--quantize` path);
 Lightning refuses that plugin on CPU, so there the frozen linear layers are replaced by bitsandbytes' own
 `Linear4bit` directly (quantized when moved to the device).
+
+bitsandbytes 0.50 has an inference-only CPU path: on a CPU with AVX512-BF16, the first call of a ``Linear4bit`` in
+eval mode on an input that needs no gradient (a validation batch) repacks its weight, in place, into a layout whose
+kernel (``gemv_4bit``) has no autograd formula, and gradients through the layer are lost from then on (reported
+on such a CPU: layer 0's ``lora_A`` gradient norm 0.022 before one validation batch, 0.0 after; a 20-step QLoRA run
+whose ``lora_B`` stayed exactly zero). Every recipe validates before training. The layers made here switch that
+path off (:func:`keep_trainable`), so they compute the same dequantize-and-GEMM in training and evaluation.
 """
 
 import torch
@@ -37,7 +44,15 @@ def quantize_frozen_linears(
             )
             if child.bias is not None:
                 q.bias = torch.nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
-            setattr(parent, name, q.to(device))  # moving to a device quantizes the weight
+            setattr(parent, name, keep_trainable(q.to(device)))  # moving to a device quantizes the weight
     if skipped:
         print(f"QLoRA on CPU: {skipped} linear layers with in_features not a multiple of {CPU_BLOCK} stay unquantized")
     return model
+
+
+def keep_trainable(layer: torch.nn.Module) -> torch.nn.Module:
+    """Switch off bitsandbytes' inference-only CPU repacking of a ``Linear4bit`` (see the module docstring): its
+    output then always carries the gradient to its input. No effect on GPU, where that path is never taken."""
+    if hasattr(layer, "support_avx512bf16_for_cpu"):
+        layer.support_avx512bf16_for_cpu = False
+    return layer

@@ -69,6 +69,7 @@ def test_compiled_branches_train_like_eager_with_bounded_graphs(method):
     torch.manual_seed(0)
     eager = build(method, n_layer)
     torch.manual_seed(0)
+    dynamo_config = dict(torch._dynamo.config.get_config_copy())
     compiled = compile_branches(build(method, n_layer))
     assert all(block.branches is not None for block in compiled.transformer.h)
     try:
@@ -91,6 +92,8 @@ def test_compiled_branches_train_like_eager_with_bounded_graphs(method):
             graphs = counters["stats"]["unique_graphs"]
         train(compiled, steps=3, seed=1)  # three more masks
         more_graphs = counters["stats"]["unique_graphs"]
+        # the branches' Dynamo settings hold only inside them: the process's own are untouched
+        assert dict(torch._dynamo.config.get_config_copy()) == dynamo_config
     finally:
         torch._dynamo.reset()
     # per branch function: grad mode x whether its input requires grad (with LoRA, not before the first kept

@@ -267,6 +267,36 @@ def make_layers(kind: str, n_query_groups: int = 4, enable=(True, False, True), 
     return lit_gpt.lora.install_fast_lora(layers[0]), layers[1]
 
 
+@pytest.mark.parametrize("merge", [False, True], ids=["rank_r", "merged"])
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_any_frozen_subset_of_input_weight_and_lora_factors_trains_like_litgpt(merge, dropout, monkeypatch):
+    """Each of the 15 requires-grad combinations of the input, the base weight, lora_A and lora_B (a user may freeze
+    A, or train the base too) gives litgpt's gradients, on both forward paths (rank-r update, merged weight) and with
+    lora_dropout, for a plain and a fused-QKV layer with one block not adapted."""
+    monkeypatch.setattr(lit_gpt.lora, "merges_weight", lambda *shape: merge)
+    for kind in ("linear", "qkv"):
+        for needs in itertools.product((False, True), repeat=4):
+            if not any(needs):
+                continue
+            ours, theirs = make_layers(kind)
+            grads = []
+            for layer in (ours, theirs):
+                torch.manual_seed(3)
+                x = torch.randn(2, 5, 64).requires_grad_(needs[0])
+                for p, need in zip((layer.linear.weight, layer.lora_A, layer.lora_B), needs[1:]):
+                    p.requires_grad_(need)
+                if dropout:
+                    layer.lora_dropout = torch.nn.Dropout(dropout)
+                torch.manual_seed(4)  # the same lora_dropout mask
+                out = layer(x)
+                out.pow(2).sum().backward()
+                grads.append([t.grad for t in (x, layer.linear.weight, layer.lora_A, layer.lora_B)])
+            for name, g, ref in zip(("input", "W", "lora_A", "lora_B"), *grads):
+                assert (g is None) == (ref is None), (kind, needs, name)
+                if ref is not None:
+                    torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{kind} {needs} {name}: {m}")
+
+
 @pytest.mark.parametrize("batched", [False, True])
 @pytest.mark.parametrize("attention", ATTENTION)
 def test_qkv_layer_every_qkv_subset_and_input_gradient(attention, batched, monkeypatch):
@@ -350,6 +380,34 @@ def test_qlora_base_matches_litgpt():
         assert_same(ours, theirs, *batch(), f"qlora n_query_groups={n_query_groups}")
         with torch.no_grad():
             torch.testing.assert_close(ours(batch()[0]), theirs(batch()[0]), rtol=0, atol=ATOL)
+
+
+def test_qlora_gradients_survive_evaluation_on_an_avx512_bf16_cpu(monkeypatch):
+    """bitsandbytes repacks a CPU ``Linear4bit`` for inference at its first eval-mode call without grad, on a CPU with
+    AVX512-BF16, and its packed kernel has no autograd: every gradient through the base was lost after the recipe's
+    first validation. Pretend such a CPU: evaluation must leave the training gradients exactly as they were."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from lit_gpt.quantize import quantize_frozen_linears
+
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)
+    config = lora_config(4, n_embd=64, intermediate_size=128)
+    model, _ = make_pair(config)
+    litgpt.lora.mark_only_lora_as_trainable(model)
+    quantize_frozen_linears(model, "nf4", torch.float32)
+    x, y = batch()
+    _, before = run(model, x, y)
+    before = {n: g.clone() for n, g in before.items()}
+    assert before["transformer.h.0.attn.qkv.lora_A"].norm() > 0
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    with torch.no_grad():
+        model(x)  # the recipe's validation before training
+    model.train()
+    _, after = run(model, x, y)
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert layers and not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    for name, g in before.items():
+        torch.testing.assert_close(after[name], g, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("layout", ["llama", "pythia"])  # without and with a base bias

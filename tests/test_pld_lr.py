@@ -232,3 +232,34 @@ def test_sgd_expected_progress_with_compensation_matches_no_drop():
     _, uncompensated = simulate(0.5, 8, 300, optimizer=torch.optim.SGD)
     assert compensated / reference == pytest.approx(1.0, abs=0.05)
     assert uncompensated / reference == pytest.approx(0.5, abs=0.03)
+
+
+def test_sgd_weight_decay_with_compensation_matches_no_drop():
+    """SGD's weight decay acts whenever the branch has a gradient (probability 1 - p^accum); compensation must not
+    also scale it by 1/(1 - p). Zero gradients, so only the decay moves the weights: their shrink over the run equals
+    the no-drop run's."""
+
+    def decayed(rate, accum, steps=300, compensate=True, wd=0.5, lr=1e-3):
+        model = ResidualMLP(depth=4)
+        handler = DropBPHandler(model, rate=rate, seed=0)
+        opt = torch.optim.SGD(param_groups(handler, model.parameters()), lr=1.0, weight_decay=wd)
+        compensate_lr(opt, handler, enabled=compensate, accum=accum)
+        set_lr(opt, lr)
+        params = [p for gate in handler.gates for p in gate.branch_parameters()]
+        with torch.no_grad():
+            for p in params:
+                p.fill_(1.0)
+        for _ in range(steps):
+            for _ in range(accum):
+                for gate, dropped in zip(handler.gates, handler.sample().tolist()):
+                    for p in gate.branch_parameters():
+                        if not dropped and p.grad is None:
+                            p.grad = torch.zeros_like(p)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return -torch.stack([p.detach().log().mean() for p in params]).mean().item()
+
+    reference = decayed(0.0, 8)
+    assert reference == pytest.approx(300 * 0.5e-3, rel=0.01)
+    assert decayed(0.5, 8) / reference == pytest.approx(1.0, abs=0.1)
+    assert decayed(0.5, 8, compensate=False) / reference == pytest.approx(1 - 0.5**8, abs=0.1)
