@@ -18,8 +18,9 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest tests
 
+# the demo's own out_dir, replaced on every run: `make demo` runs again; a run of yours elsewhere is never touched
 demo: install
-	$(PY) finetune/lora.py --dropbp.rate 0.875
+	$(PY) finetune/lora.py --dropbp.rate 0.875 --out_dir out/demo --overwrite true
 
 clean:
 	rm -rf $(VENV) out

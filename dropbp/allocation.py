@@ -1,4 +1,6 @@
-"""Sensitivity-based drop-rate allocation (the paper's Eq. 6, solved greedily in steps of 0.1 as in its sec. 3.2).
+"""Sensitivity-based drop-rate allocation: a convex variant of the paper's Eq. 6, not Eq. 6 itself, solved greedily
+in steps of 0.1 as in its sec. 3.2. The paper's objective is linear in the rates, and its published code raises
+the branch with the least S_i * (p_i + 0.1); this module's cost is S_i * p_i / (1 - p_i) (why, below).
 
 Cost of a drop rate. S_i is how much the gradient changes when branch i is dropped (Alg. 1). A branch dropped with
 probability p contributes its gradient path on a fraction 1 - p of the steps: a signal g kept with probability

@@ -15,7 +15,6 @@ import torch
 from litgpt.config import Config
 from litgpt.generate.base import generate_fn
 from litgpt.tokenizer import Tokenizer
-from litgpt.utils import lazy_load
 from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
@@ -70,11 +69,14 @@ def load_model(checkpoint_dir: Path, device: torch.device, dtype: torch.dtype) -
     with torch.device("meta"):
         model = gpt_class(config)
     model = model.to(dtype).to_empty(device=device)
-    state_dict = lazy_load(checkpoint_dir / "lit_model.pth")
-    state_dict = dict(state_dict.get("model", state_dict))
-    if adapter.is_file():
-        adapter_state = lazy_load(adapter)
-        state_dict.update(adapter_state.get("model", adapter_state))
+    state_dict = {}
+    for path in [checkpoint_dir / "lit_model.pth"] + ([adapter] if adapter.is_file() else []):
+        try:  # memory-mapped: read from disk as load_state_dict copies each weight to the device
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            state_dict.update(state.get("model", state))
+        except Exception as e:  # a torn zip, a truncated or foreign pickle, ...
+            raise CheckpointError(f"{path} cannot be read as a litgpt checkpoint ({type(e).__name__}): re-download"
+                                  " or re-convert it, or re-run the fine-tuning that wrote it") from None
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
         raise CheckpointError(

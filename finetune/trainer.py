@@ -46,7 +46,7 @@ from finetune.args import DropBPArgs, PLDArgs
 from lit_gpt.data import Alpaca, Builtin  # importing lit_gpt.data also registers Dolly for --data
 from lit_gpt.data.download import download_data_file
 from lit_gpt.gated import compile_branches, compile_unsupported, set_gate_flops
-from lit_gpt.quantize import QUANT_DTYPES, quantize_frozen_linears
+from lit_gpt.quantize import QUANT_DTYPES, import_bitsandbytes, quantize_frozen_linears
 from lit_gpt.tiny_model import TINY_MODEL_NOTE, ensure_tiny_checkpoint
 
 REQUIRED_CHECKPOINT_FILES = ("lit_model.pth", "model_config.yaml")
@@ -162,9 +162,9 @@ def check_args(train: TrainArgs, dropbp: DropBPArgs, pld: PLDArgs, devices: int,
     check_rate(dropbp.rate, "--dropbp.rate")
     check_rate(dropbp.max_rate, "--dropbp.max_rate")
     check_rate(dropbp.min_rate, "--dropbp.min_rate")
-    if dropbp.rate > dropbp.max_rate:
-        raise UsageError(f"--dropbp.rate {dropbp.rate} is above --dropbp.max_rate {dropbp.max_rate}")
-    if dropbp.min_rate > dropbp.rate:
+    if dropbp.allocation == "sensitivity" and dropbp.rate > dropbp.max_rate:  # bounds of the allocation only:
+        raise UsageError(f"--dropbp.rate {dropbp.rate} is above --dropbp.max_rate {dropbp.max_rate}")  # uniform is
+    if dropbp.allocation == "sensitivity" and dropbp.min_rate > dropbp.rate:  # `rate` on every branch
         raise UsageError(f"--dropbp.min_rate {dropbp.min_rate} is above --dropbp.rate {dropbp.rate}")
     if not 0.0 < dropbp.step <= 1.0:
         raise UsageError(f"--dropbp.step must be in (0, 1], got {dropbp.step}")
@@ -277,50 +277,113 @@ def write_record(record: dict, folder: Path) -> None:
     atomic_write_text(folder / RECORD, yaml.safe_dump(options, sort_keys=False))
 
 
+def changed_options(saved: dict, current: dict) -> list:
+    """The DropBP, PLD and method options that differ between two run records, as ``group.key old -> new``."""
+    return [
+        f"{group}.{key} {saved.get(group, {}).get(key)!r} -> {value!r}"
+        for group in RESUME_MUST_MATCH for key, value in current.get(group, {}).items()
+        if saved.get(group, {}).get(key) != value
+    ]
+
+
 def check_resumed_options(saved: Optional[dict], current: dict, path: Path) -> None:
     """Resuming with other DropBP, PLD or method options would silently train with the saved ones: refuse."""
     if saved is None:  # a checkpoint from before options were recorded
         return
-    changed = [
-        f"{group}.{key} {saved[group].get(key)!r} -> {value!r}"
-        for group in RESUME_MUST_MATCH for key, value in current.get(group, {}).items()
-        if saved.get(group, {}).get(key) != value
-    ]
+    changed = changed_options(saved, current)
     if changed:
         raise UsageError(f"--resume: {path} was trained with other options ({'; '.join(changed)}): resume with the"
                          " saved ones, or start a new run in another --out_dir")
 
 
-def claim_out_dir(out_dir: Path, resume, overwrite: bool) -> Optional[str]:
-    """Take ``out_dir`` for this run, or say why not (one line). A lock file marks a running run; a finished or
-    checkpointed run is kept unless ``--resume`` continues it or ``--overwrite true`` replaces it."""
-    lock = out_dir / LOCK
-    if lock.is_file():
-        owner = lock.read_text().split()
-        alive = len(owner) == 2 and owner[0] == socket.gethostname() and pid_alive(int(owner[1]))
-        if alive or (len(owner) == 2 and owner[0] != socket.gethostname()):
-            return f"{out_dir} is in use by a running run (pid {owner[1]} on {owner[0]}; {lock})"
+def finished_run_refusal(out_dir: Path, current: dict) -> str:
+    """Why ``--resume auto`` may not start an out_dir that holds ``final/`` but no checkpoint anew: it would replace
+    a finished run (naming the options that differ from the ones it was trained with)."""
+    try:
+        flat = yaml.safe_load((out_dir / "final" / RECORD).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        flat = {}
+    # final/'s record is in the recipe's --config form: the method's options at the top level
+    saved = {"dropbp": flat.get("dropbp", {}), "pld": flat.get("pld", {}),
+             "method": {k: flat.get(k) for k in current.get("method", {}) if k != "name"}}
+    changed = changed_options(saved, {**current, "method": {k: v for k, v in current.get("method", {}).items()
+                                                            if k != "name"}})
+    other = f"; it was trained with other options ({'; '.join(changed)})" if flat and changed else ""
+    return (f"--resume auto: {out_dir} holds a finished run (final/) and no step-* checkpoint to continue{other}:"
+            " --overwrite true replaces it, or use another --out_dir")
+
+
+@dataclass
+class Claim:
+    """A run's hold on its out_dir: an OS lock on ``run.lock``, held open for the run's life (the OS frees it when
+    the process dies, however it dies), and whether this run made the directory."""
+
+    out_dir: Path
+    created: bool
+    lock_fd: int
+
+    def release(self) -> None:
+        """Drop the lock; a directory this run made and never started training in (refused or failed in set-up:
+        ``hyperparameters.yaml`` is written just before the first step) is removed rather than left empty."""
+        (self.out_dir / LOCK).unlink(missing_ok=True)
+        os.close(self.lock_fd)
+        if self.created and not (self.out_dir / RECORD).exists():
+            shutil.rmtree(self.out_dir, ignore_errors=True)
+
+
+def claim_out_dir(out_dir: Path, resume, overwrite: bool) -> tuple[Optional[str], Optional[Claim]]:
+    """Take ``out_dir`` for this run, or say why not (one line). The lock is taken atomically (an exclusive
+    ``flock``), so of two runs started at once into one directory exactly one gets it. A finished or checkpointed
+    run is kept unless ``--resume`` continues it or ``--overwrite true`` replaces it."""
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock_fd, problem = take_lock(out_dir / LOCK)
     previous = [p.name for p in sorted(out_dir.glob("step-*")) + [out_dir / "final"] if p.exists()]
-    if previous and resume in (False, "false", "False", None):
-        if not overwrite:
-            return (f"{out_dir} already holds a run ({', '.join(previous[-3:])}): pass --resume auto to continue it,"
-                    " --overwrite true to replace it, or another --out_dir")
+    if problem is None and previous and resume in (False, "false", "False", None) and not overwrite:
+        problem = (f"{out_dir} already holds a run ({', '.join(previous[-3:])}): pass --resume auto to continue it,"
+                   " --overwrite true to replace it, or another --out_dir")
+    if problem is not None:
+        if lock_fd is not None:
+            Claim(out_dir, created, lock_fd).release()
+        elif created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        return problem, None
+    if previous and resume in (False, "false", "False", None):  # --overwrite true
         for name in previous + ["logs", "dropbp_allocation.json", "dropbp_allocation.png", RECORD]:
             target = out_dir / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lock.write_text(f"{socket.gethostname()} {os.getpid()}")
-    return None
+    return None, Claim(out_dir, created, lock_fd)
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def take_lock(path: Path) -> tuple[Optional[int], Optional[str]]:
+    """An exclusive, non-blocking ``flock`` on ``path`` (created if missing), with this host and pid written in it:
+    (the open descriptor, None), or (None, why not). A lock file naming another host is respected too: ``flock``
+    may not reach across the hosts of a shared file system."""
+    import fcntl
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 256).decode(errors="replace").split()
+            os.close(fd)
+            who = f"pid {owner[1]} on {owner[0]}" if len(owner) == 2 else "another process"
+            return None, f"{path.parent} is in use by a running run ({who}; {path})"
+        try:
+            same_file = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:  # the holder released and removed it between our open and our lock
+            same_file = False
+        if same_file:
+            break
+        os.close(fd)
+    owner = os.read(fd, 256).decode(errors="replace").split()
+    if len(owner) == 2 and owner[0] != socket.gethostname():
+        os.close(fd)
+        return None, f"{path.parent} is in use by a running run (pid {owner[1]} on {owner[0]}; {path})"
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{socket.gethostname()} {os.getpid()}".encode(), 0)
+    return fd, None
 
 
 # --------------------------------------------------------------------------------------------- GPU or CPU
@@ -342,6 +405,7 @@ def launch_plan(method: Method, precision: Optional[str], devices: int, num_node
             raise UsageError("QLoRA runs on one device (--devices 1), as in litgpt")
         mode, dtype = method.quantize[len("bnb."):], QUANT_DTYPES[precision]
         if cuda:  # litgpt's route; Fabric refuses a precision string next to a precision plugin
+            import_bitsandbytes()  # first, quietly: the plugin imports it
             plugins, precision = BitsandbytesPrecision(mode, dtype), None
         else:  # Lightning refuses the plugin on CPU: bitsandbytes' own 4-bit layers, quantized when moved
             quantize_base = lambda model: quantize_frozen_linears(model, mode, dtype)  # noqa: E731
@@ -383,7 +447,7 @@ def main(
     overwrite: bool = False,
     compile: bool = False,
 ) -> None:
-    problem = claim_out_dir(out_dir, resume, overwrite) if fabric.global_rank == 0 else None
+    problem, claim = claim_out_dir(out_dir, resume, overwrite) if fabric.global_rank == 0 else (None, None)
     problem = fabric.broadcast(problem, src=0)
     if problem:
         raise UsageError(problem)
@@ -391,19 +455,26 @@ def main(
         train_in(fabric, method, config, checkpoint_dir, out_dir, data, train, eval, dropbp, pld, optimizer_spec,
                  seed, resume, quantize_base, record or {}, compile)
     finally:
-        if fabric.global_rank == 0:
-            (out_dir / LOCK).unlink(missing_ok=True)
+        if claim is not None:
+            claim.release()
 
 
 def train_in(fabric, method, config, checkpoint_dir, out_dir, data, train, eval, dropbp, pld, optimizer_spec, seed,
              resume, quantize_base, record, compile=False) -> None:
     """Everything of a run once its out_dir is claimed (`main` releases the claim however this ends)."""
+    resume_path = find_resume_path(out_dir, resume, fabric.print, record)
     fabric.seed_everything(seed)  # before the dataloaders: Fabric's DistributedSampler takes its shuffling seed from it
     tokenizer = Tokenizer(checkpoint_dir)
-    data.connect(tokenizer=tokenizer, batch_size=train.micro_batch_size, max_seq_length=train.max_seq_length)
+    if train.max_seq_length is None:  # litgpt would pass longer samples to the model, which refuses them
+        fabric.print(f"--train.max_seq_length not set: samples are cut at the model's block size, {config.block_size}"
+                     " tokens")
+    limit_workers(data)
+    data.connect(tokenizer=tokenizer, batch_size=train.micro_batch_size,
+                 max_seq_length=train.max_seq_length or config.block_size)
     with fabric.rank_zero_first():
         prepare_data(data)
     setup_data(data)
+    example = Example(tokenizer, data, eval)  # a bad --eval.evaluate_example is refused now, not after validation
     train_loader, val_loader = fabric.setup_dataloaders(data.train_dataloader(), data.val_dataloader())
     accum = train.global_batch_size // (train.micro_batch_size * fabric.world_size)
     steps_per_epoch = max(1, len(train_loader) // accum)
@@ -449,9 +520,8 @@ def train_in(fabric, method, config, checkpoint_dir, out_dir, data, train, eval,
     base_lr = optimizer.param_groups[0]["lr"]  # the schedule's peak; read before a resumed state overwrites it
 
     progress = {"step": 0, "iter": 0, "best_val": None}
-    resume_path = find_resume_path(out_dir, resume, fabric.print)
     if resume_path is not None:
-        restored = fabric.load(resume_path, {"model": model, "optimizer": optimizer}, strict=False)
+        restored = fabric.load(resume_path, {"model": model, "optimizer": optimizer}, strict=False, weights_only=True)
         check_resumed_options(restored.get("record"), record, resume_path)
         progress.update(restored["progress"])
         handler.load_state_dict(restored["dropbp"])
@@ -469,8 +539,7 @@ def train_in(fabric, method, config, checkpoint_dir, out_dir, data, train, eval,
         fabric.print(f"Initial evaluation | val loss: {val_loss:.3f} | val ppl: {math.exp(val_loss):.3f}")
     else:  # a quick check that validation works, so a problem shows now and not after training
         validate(fabric, model, val_loader, 2, pld_handler)
-    example = Example(tokenizer, data, eval)
-    if fabric.global_rank == 0:
+    if fabric.global_rank == 0:  # also marks the run as started: see Claim.release
         write_record(record, out_dir)
     fit(fabric, method, model, optimizer, handler, pld_handler, train_loader, val_loader, warmup, train, eval,
         dropbp, out_dir, accum, max_steps, base_lr, progress, restored_rng, example, record)
@@ -491,6 +560,14 @@ def train_in(fabric, method, config, checkpoint_dir, out_dir, data, train, eval,
         val_loss = validate(fabric, model, val_loader, len(val_loader), pld_handler)
         fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(val_loss)}, step=progress["step"])
         fabric.print(f"Final evaluation | val loss: {val_loss:.3f} | val ppl: {math.exp(val_loss):.3f}")
+
+
+def limit_workers(data: DataModule) -> None:
+    """At most one data-loading worker per CPU core this process may use: litgpt's Alpaca and JSON modules ask for 4,
+    and PyTorch warns on every run on a smaller machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if getattr(data, "num_workers", 0) > cores:
+        data.num_workers = cores
 
 
 def prepare_data(data: DataModule) -> None:
@@ -655,16 +732,24 @@ def train_steps(fabric, method, model, optimizer, handler, pld_handler, train_it
 
 
 def average_gradients(fabric, params) -> None:
-    """Average the accumulated gradients over ranks, in one collective per dtype. Every rank dropped the same
-    branches, so the same parameters hold a gradient on every rank and the flat buffers line up.
+    """Average the accumulated gradients over ranks: one small collective for which parameters hold a gradient on
+    any rank, then one per gradient dtype, in the order of first appearance in ``params`` (the same on every rank,
+    where a set's order differs between processes). Every rank drops the same branches, but a parameter may still
+    hold a gradient on one rank only (a MoE expert no token of this rank's batch was routed to): it takes zeros
+    there, so the flat buffers line up; a parameter without gradient on every rank (a dropped branch) stays None.
 
     Under DDP this replaces DDP's own synchronisation (every forward runs in ``no_backward_sync``). DDP remembers
     which parameters were used in unsynchronised micro-batches and all-reduces them at the next synchronised
     backward; when a step's last micro-batch has no backward (nothing trainable kept), that memory leaks into the
     next step, whose backward then fails on a parameter without gradient ("Encountered gradient which is
     undefined, but still allreduced by DDP reducer")."""
+    params = list(params)
+    held = fabric.all_reduce(torch.tensor([float(p.grad is not None) for p in params]), reduce_op="max")
+    for p, anywhere in zip(params, held.tolist()):
+        if anywhere and p.grad is None:
+            p.grad = torch.zeros_like(p)
     grads = [p.grad for p in params if p.grad is not None]
-    for dtype in {g.dtype for g in grads}:
+    for dtype in dict.fromkeys(g.dtype for g in grads):
         same = [g for g in grads if g.dtype == dtype]
         flat = fabric.all_reduce(torch.cat([g.reshape(-1) for g in same]), reduce_op="mean")
         for g, part in zip(same, flat.split([g.numel() for g in same])):
@@ -796,6 +881,8 @@ class Example:
         self.tokenizer, self.prompt_style, self.max_new_tokens = tokenizer, data.prompt_style, eval.max_new_tokens
         records = validation_split(data).data or data.train_dataset.data
         choice = eval.evaluate_example
+        if isinstance(choice, str) and choice.isdigit():  # jsonargparse reads `--eval.evaluate_example 3` as "3"
+            choice = int(choice)
         if choice == "first":
             choice = 0
         elif choice == "random":
@@ -898,18 +985,22 @@ def save_on_interrupt(fabric, model, optimizer, state: dict, record: dict, out_d
     return "nothing saved yet" if step == 0 else f"steps since the last checkpoint are lost (step {step})"
 
 
-def find_resume_path(out_dir: Path, resume: bool | str | Path, warn: Callable[[str], None] = print) -> Optional[Path]:
+def find_resume_path(out_dir: Path, resume: bool | str | Path, warn: Callable[[str], None] = print,
+                     record: Optional[dict] = None) -> Optional[Path]:
     """The checkpoint to resume from. ``auto``: the latest that loads; a torn or corrupt one is skipped with a
-    warning (the previous intact one is used), and an out_dir with none starts from scratch, said so."""
+    warning (the previous intact one is used), and an out_dir with none starts from scratch, said so, unless it holds
+    a finished run (``final/``), which is refused rather than replaced. Checkpoints are read as tensors and plain
+    values only (``weights_only``): unpickling an arbitrary file in the out_dir could run any code."""
     if resume is False or resume in ("false", "False", None):
         return None
     if resume is True or resume == "auto":
         for path in sorted(out_dir.glob("step-*/training_state.pth"), reverse=True):
-            try:
-                torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+            problem = unreadable(path)
+            if problem is None:
                 return path
-            except Exception as e:  # torn zip, truncated pickle, ...
-                warn(f"warning: {path} cannot be read ({type(e).__name__}); trying the previous checkpoint")
+            warn(f"warning: {path} cannot be read ({problem}); trying the previous checkpoint")
+        if (out_dir / "final").exists():
+            raise UsageError(finished_run_refusal(out_dir, record or {}))
         warn(f"--resume auto: no checkpoint in {out_dir}, starting from scratch")
         return None
     path = Path(resume).expanduser().resolve()
@@ -917,7 +1008,20 @@ def find_resume_path(out_dir: Path, resume: bool | str | Path, warn: Callable[[s
         path = path / "training_state.pth"
     if not path.is_file():
         raise UsageError(f"--resume {resume}: no training_state.pth there")
+    problem = unreadable(path)
+    if problem is not None:
+        raise UsageError(f"--resume {resume}: {path} cannot be read as a training state ({problem})")
     return path
+
+
+def unreadable(path: Path) -> Optional[str]:
+    """Why ``path`` does not load as tensors and plain values (a torn zip, a truncated file, a pickle of other
+    objects), or None. Every checkpoint is probed so before Fabric loads it (under FSDP, with a full unpickler)."""
+    try:
+        torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        return type(e).__name__
+    return None
 
 
 def load_checkpoint_file(path: Path) -> dict:

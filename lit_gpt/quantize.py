@@ -12,6 +12,8 @@ whose ``lora_B`` stayed exactly zero). Every recipe validates before training. T
 path off (:func:`keep_trainable`), so they compute the same dequantize-and-GEMM in training and evaluation.
 """
 
+import logging
+
 import torch
 
 CPU_BLOCK = 64
@@ -23,8 +25,7 @@ def quantize_frozen_linears(
 ) -> torch.nn.Module:
     """Replace every frozen ``nn.Linear`` by a bitsandbytes ``Linear4bit`` holding the same weights, quantized when
     moved to ``device`` (the CPU path of the recipe; the benchmark uses it on GPU too)."""
-    import bitsandbytes as bnb
-
+    bnb = import_bitsandbytes()
     quant_type, double_quant = mode.split("-")[0], mode.endswith("-dq")
     skipped = 0
     for parent in list(model.modules()):
@@ -56,3 +57,16 @@ def keep_trainable(layer: torch.nn.Module) -> torch.nn.Module:
     if hasattr(layer, "support_avx512bf16_for_cpu"):
         layer.support_avx512bf16_for_cpu = False
     return layer
+
+
+def _not_the_kernels_package_warning(record: logging.LogRecord) -> bool:
+    return "kernels-community" not in record.getMessage()
+
+
+def import_bitsandbytes():
+    """``bitsandbytes``, imported without its warning, on an AVX512-BF16 CPU, that the optional ``kernels`` package
+    is missing: that kernel serves only the inference-only path :func:`keep_trainable` switches off."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_kernels_package_warning)  # idempotent
+    import bitsandbytes
+
+    return bitsandbytes

@@ -35,11 +35,13 @@ the activations saved for backward at the end of the forward pass, which is wher
 
 import gc
 import json
+import os
 import random
 import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -227,9 +229,36 @@ def aten_ops(run: Callable[[], object]) -> int:
     """ATen operators that ``run`` dispatches (``torch.profiler``, nested ones included: ``aten::linear`` and the
     ``aten::mm`` it calls count two): a CPU-measurable proxy for the kernel launches and dispatch overhead that
     dominate short GPU kernels. Code that inductor compiled dispatches few ATen operators."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    return sum(1 for name in profiled_ops(run) if name.startswith("aten::"))
+
+
+def profiled_ops(run: Callable[[], object]) -> list:
+    """The names of the operators ``run`` dispatches, under a CPU ``torch.profiler`` whose start and stop are kept
+    quiet: kineto prints two "USDT: ... profiler_start/stop" lines on stderr for each, hundreds per benchmark."""
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+    with native_stderr_silenced():
+        prof.__enter__()
+    try:
         run()
-    return sum(1 for e in prof.events() if e.name.startswith("aten::"))
+    finally:
+        with native_stderr_silenced():
+            prof.__exit__(None, None, None)
+    return [e.name for e in prof.events()]
+
+
+@contextmanager
+def native_stderr_silenced():
+    """File descriptor 2 pointed at /dev/null (what C++ code writes to it, too), restored afterwards."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def set_variant(variant, handler: DropBPHandler, pld: PLDHandler) -> None:
@@ -449,9 +478,7 @@ def profile_gates(method: str, dims: dict, seq_len: int, micro_batch_size: int, 
         raise AssertionError("the gated block at p = 0 differs from plain litgpt's")
     out = {"method": method}
     for name, block in blocks.items():
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            block(*args, **kwargs)
-        out[f"aten_{name}"] = [e.name for e in prof.events() if e.name.startswith("aten::")]
+        out[f"aten_{name}"] = [op for op in profiled_ops(lambda: block(*args, **kwargs)) if op.startswith("aten::")]
         profiler = cProfile.Profile()
         profiler.enable()
         for _ in range(calls):

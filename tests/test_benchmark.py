@@ -14,6 +14,15 @@ from scripts.benchmark import (
 )
 
 
+def test_operator_counts_keep_the_profiler_quiet(capfd):
+    """kineto prints "USDT: ... profiler_start/stop" on stderr at every profiler start and stop: hundreds of lines
+    around the benchmark's table. Counting operators prints nothing, and stderr works again afterwards."""
+    assert benchmark.aten_ops(lambda: torch.ones(3) + 1) >= 2
+    print("after", file=sys.stderr)
+    err = capfd.readouterr().err
+    assert "USDT" not in err and "after" in err
+
+
 def test_time_per_sample_table(tmp_path):
     rows = main(methods=("full", "qlora"), rates=(0.0, 0.5), n_layer=2, n_embd=64, vocab_size=128, seq_len=16,
                 micro_batch_size=2, steps=1, warmup=0, out=tmp_path / "bench.json")

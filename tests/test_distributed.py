@@ -16,6 +16,8 @@ import os
 import re
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -292,6 +294,68 @@ def test_a_loss_diverging_on_one_rank_stops_every_rank(tmp_path):
     # one error from each rank (the progress bar shares stderr, hence no line anchors); rank 0's own loss is finite
     losses = re.findall(r"error: non-finite loss in step 2 \(micro-batch 3, loss (\S+) here\): stopping", proc.stderr)
     assert len(losses) == 2 and losses.count("nan") == 1, proc.stderr[-3000:]
+
+
+class ThreadRanks:
+    """Ranks as threads of this process, with a Fabric-like ``all_reduce`` that waits for every rank, refuses
+    mismatched collectives (as gloo aborts and NCCL hangs or mixes elements) and logs each rank's calls."""
+
+    def __init__(self, world_size: int = 2) -> None:
+        self.world_size = world_size
+        self.barrier = threading.Barrier(world_size, timeout=30)
+        self.sent = [None] * world_size
+        self.calls = [[] for _ in range(world_size)]
+
+    def fabric(self, rank: int):
+        ranks = self
+
+        class Fabric:
+            world_size, global_rank = ranks.world_size, rank
+
+            def all_reduce(self, t, reduce_op="mean"):
+                ranks.calls[rank].append((t.dtype, t.numel()))
+                ranks.sent[rank] = t.clone()
+                ranks.barrier.wait()
+                parts = list(ranks.sent)
+                ranks.barrier.wait()
+                if len({(p.dtype, p.shape) for p in parts}) > 1:
+                    raise RuntimeError(f"mismatched collective: {[(p.dtype, tuple(p.shape)) for p in parts]}")
+                stacked = torch.stack(parts)
+                return stacked.mean(0) if reduce_op == "mean" else stacked.amax(0)
+
+        return Fabric()
+
+    def run(self, fn, *per_rank_args) -> list:
+        with ThreadPoolExecutor(self.world_size) as pool:
+            futures = [pool.submit(fn, self.fabric(r), *args) for r, args in enumerate(per_rank_args)]
+            return [f.result() for f in futures]
+
+
+def test_average_gradients_when_ranks_hold_gradients_for_different_parameters():
+    """A parameter with a gradient on one rank only (a MoE expert no token of the other rank's batch reached) is
+    averaged with zeros there; one without gradient anywhere (a dropped branch) stays None; the collectives are
+    issued per dtype in the order of first appearance (a set's order differs between processes)."""
+
+    def ranks_params(rank):
+        params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16)),
+                  torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(5))]
+        params[0].grad = torch.full((3,), 1.0 + rank)
+        params[1].grad = torch.full((2,), 2.0 * (rank + 1), dtype=torch.bfloat16)
+        if rank == 0:
+            params[2].grad = torch.full((4,), 4.0)  # routed on rank 0 only; params[3]: nowhere
+        return params
+
+    for order in ([0, 1, 2, 3], [1, 3, 2, 0]):
+        ranks = ThreadRanks()
+        params = [[ranks_params(r)[i] for i in order] for r in range(2)]
+        ranks.run(trainer.average_gradients, *[(p,) for p in params])
+        assert ranks.calls[0] == ranks.calls[1]
+        dtypes = [dtype for dtype, _ in ranks.calls[0][1:]]  # after the which-parameters-hold-gradients call
+        assert dtypes == list(dict.fromkeys(p.dtype for p in params[0] if p.numel() != 5))
+        for rank_params in params:
+            by_size = {p.numel(): p.grad for p in rank_params}
+            assert torch.equal(by_size[3], torch.full((3,), 1.5)) and torch.equal(by_size[4], torch.full((4,), 2.0))
+            assert torch.equal(by_size[2], torch.full((2,), 3.0, dtype=torch.bfloat16)) and by_size[5] is None
 
 
 def test_fsdp_full_with_activation_checkpointing_ranks_agree_and_step_equals_one_process(tmp_path):

@@ -298,6 +298,8 @@ def copy_checkpoint(checkpoint_dir: Path, target: Path, state_dict: dict, lora_o
         ("missing_yaml", "task file not found: nope/qa.yaml"),
         ("preset_mixed", "run a preset on its own"),
         ("no_gpu", "PyTorch sees no GPU"),
+        ("truncated", "lit_model.pth cannot be read as a litgpt checkpoint"),
+        ("truncated_adapter", "lit_model.pth.adapter_v2 cannot be read as a litgpt checkpoint"),
     ],
 )
 def test_bad_input_is_one_line_on_stderr(case, message, checkpoint_dir, task_dir, tmp_path, capsys):
@@ -323,6 +325,14 @@ def test_bad_input_is_one_line_on_stderr(case, message, checkpoint_dir, task_dir
         args["tasks"] = "mmlu,piqa"
     elif case == "no_gpu":
         args["device"] = "cuda"
+    elif case.startswith("truncated"):  # a copy cut short (a full disk, an interrupted transfer)
+        state_dict = torch.load(checkpoint_dir / "lit_model.pth")
+        target = args["checkpoint_dir"] = copy_checkpoint(checkpoint_dir, tmp_path / "truncated", state_dict)
+        torn = target / ("lit_model.pth.adapter_v2" if case == "truncated_adapter" else "lit_model.pth")
+        if case == "truncated_adapter":
+            torch.save({"transformer.h.0.attn.adapter_wte.weight": torch.zeros(4, 64)}, torn)
+        torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])
+        args["tasks"] = task_dir / "tiny_mc.yaml"
     with pytest.raises(SystemExit) as exit_info:
         evaluate.cli([f"--{key}={value}" for key, value in args.items()])
     assert exit_info.value.code == 2

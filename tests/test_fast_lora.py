@@ -410,6 +410,22 @@ def test_qlora_gradients_survive_evaluation_on_an_avx512_bf16_cpu(monkeypatch):
         torch.testing.assert_close(after[name], g, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
 
 
+def test_bitsandbytes_is_imported_without_its_kernels_package_warning(caplog):
+    """On an AVX512-BF16 CPU bitsandbytes warns at import that the optional ``kernels`` package is missing, on every
+    QLoRA run: the kernel serves the inference path we switch off. Only that warning is dropped."""
+    import logging
+
+    pytest.importorskip("bitsandbytes")
+    from lit_gpt.quantize import import_bitsandbytes
+
+    import_bitsandbytes()
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        log.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "No module named 'kernels'")
+        log.warning("another warning")
+    assert [r.getMessage() for r in caplog.records] == ["another warning"]
+
+
 @pytest.mark.parametrize("layout", ["llama", "pythia"])  # without and with a base bias
 def test_adapter_v2_matches_litgpt_with_one_kernel_fewer(layout):
     config = tiny_config(layout, litgpt.adapter_v2.Config, adapter_prompt_length=4, adapter_start_layer=0)

@@ -3,6 +3,7 @@
 import csv
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -166,6 +167,29 @@ def test_bad_input_is_one_clear_line(tmp_path, monkeypatch, capsys):
         line = run_cli(recipe, [*argv, *out], monkeypatch, capsys)
         assert message in line, (argv, line)
     assert not (tmp_path / "out" / "final").exists()
+
+
+def test_real_records_an_example_index_and_uniform_rates_above_the_allocation_cap(tmp_path, monkeypatch, capsys):
+    """From the command line: real Alpaca records up to 832 tokens on the built-in model (block size 256) are cut at
+    the block size and said so; ``--eval.evaluate_example 3`` is an index; ``--dropbp.allocation uniform`` takes any
+    rate below 1 (``--dropbp.max_rate`` bounds the sensitivity allocation only); no DataLoader warning about more
+    workers than cores."""
+    records = Path(__file__).parent / "fixtures" / "alpaca-sample.json"
+    monkeypatch.setattr(sys, "argv", [
+        "lora.py", "--data", "JSON", "--data.json_path", str(records), "--data.val_split_fraction", "0.2",
+        "--eval.evaluate_example", "3", "--eval.max_new_tokens", "3", "--eval.interval", "2",
+        "--dropbp.allocation", "uniform", "--dropbp.rate", "0.99", "--train.max_steps", "2",
+        "--train.global_batch_size", "4", "--train.micro_batch_size", "2", "--out_dir", str(tmp_path)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.cli(lora.setup)
+    assert not [w for w in caught if "worker" in str(w.message)], [str(w.message) for w in caught]
+    out = capsys.readouterr().out
+    assert "--train.max_seq_length not set: samples are cut at the model's block size, 256 tokens" in out
+    assert out.count(" -> '") == 1  # the example was generated, for record 3 of the validation split
+    rows = logged(tmp_path)
+    assert sorted(rows) == [1, 2] and all(float(r["drop_rate"]) > 0.9 for r in rows.values())
+    assert (tmp_path / "final" / "lit_model.pth").is_file()
 
 
 @pytest.mark.parametrize("targets, kept_kind", [

@@ -2,6 +2,7 @@
 checkpoint, Ctrl-C, the recorded options, choice options and --help."""
 
 import sys
+import threading
 
 import pytest
 import torch
@@ -24,11 +25,102 @@ def test_a_used_out_dir_is_refused_unless_resumed_or_overwritten(tmp_path, monke
     lora.setup(**fast(tmp_path, max_steps=2), dropbp=DropBPArgs(rate=0.5), overwrite=True)
     assert sorted(logged(tmp_path)) == [1, 2] and len(list(tmp_path.glob("logs/csv/version_*"))) == 1
 
-    (tmp_path / trainer.LOCK).write_text(f"{trainer.socket.gethostname()} {trainer.os.getppid()}")  # a live process
-    with pytest.raises(trainer.UsageError, match="is in use by a running run"):
+    held, _ = trainer.take_lock(tmp_path / trainer.LOCK)  # a running run holds the OS lock
+    with pytest.raises(trainer.UsageError, match=f"is in use by a running run \\(pid {trainer.os.getpid()} on"):
         lora.setup(**fast(tmp_path, max_steps=2), overwrite=True)
-    (tmp_path / trainer.LOCK).write_text(f"{trainer.socket.gethostname()} 999999999")  # a killed run's stale lock
+    trainer.os.close(held)  # killed: the OS frees its lock, the file stays behind, stale
+    assert (tmp_path / trainer.LOCK).exists()
     lora.setup(**fast(tmp_path, max_steps=2), dropbp=DropBPArgs(rate=0.5), resume="auto")
+    (tmp_path / trainer.LOCK).write_text("another-host 12345")  # a run on another host of a shared file system
+    with pytest.raises(trainer.UsageError, match="in use by a running run \\(pid 12345 on another-host"):
+        lora.setup(**fast(tmp_path, max_steps=2), overwrite=True)
+
+
+def test_two_runs_started_at_once_into_one_out_dir_cannot_both_take_it(tmp_path):
+    """The claim is atomic: checking for a lock and then writing it let both of two simultaneous runs in."""
+    out_dir = tmp_path / "new"
+    claims = []
+    barrier = threading.Barrier(8)
+
+    def start():
+        barrier.wait()
+        claims.append(trainer.claim_out_dir(out_dir, resume=False, overwrite=False))
+
+    threads = [threading.Thread(target=start) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [claim for problem, claim in claims if claim is not None]
+    assert len(winners) == 1
+    assert all("is in use by a running run" in problem for problem, claim in claims if claim is None)
+    (out_dir / trainer.RECORD).write_text("{}")  # the run started: its directory stays after it ends
+    winners[0].release()
+    assert out_dir.is_dir() and not (out_dir / trainer.LOCK).exists()
+    problem, claim = trainer.claim_out_dir(out_dir, resume=False, overwrite=False)
+    assert problem is None
+    claim.release()
+
+
+def test_a_run_refused_or_failed_before_training_leaves_no_empty_out_dir(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "never"
+    assert "--eval.evaluate_example must be first, random or an index below" in run_cli(
+        lora, ["--eval.evaluate_example", "1000", "--out_dir", str(out)], monkeypatch, capsys)
+    assert not out.exists()
+    nested = tmp_path / "a" / "b"
+
+    def failing_validation(*args, **kwargs):
+        raise RuntimeError("broken")
+
+    monkeypatch.setattr(trainer, "validate", failing_validation)
+    with pytest.raises(RuntimeError, match="broken"):
+        lora.setup(**fast(nested))
+    assert not nested.exists() and (tmp_path / "a").is_dir()  # only what the run made is removed
+    kept = tmp_path / "existing"
+    kept.mkdir()
+    with pytest.raises(RuntimeError, match="broken"):
+        lora.setup(**fast(kept))
+    assert kept.is_dir()  # the user's own (empty) directory stays
+
+
+def test_resume_auto_never_replaces_a_finished_run(tmp_path):
+    """A run saved only final/ (fewer steps than --train.save_interval): --resume auto has nothing to continue, and
+    starting anew would replace final/. Refused in one line, naming the changed options; final/ untouched."""
+    lora.setup(**fast(tmp_path, max_steps=2, save_interval=100), dropbp=DropBPArgs(rate=0.875))
+    final = (tmp_path / "final" / "lit_model.pth").read_bytes()
+    with pytest.raises(trainer.UsageError) as refused:
+        lora.setup(**fast(tmp_path, max_steps=2, save_interval=100), dropbp=DropBPArgs(rate=0.5, sampling="fixed"),
+                   resume="auto")
+    message = str(refused.value)
+    assert "holds a finished run (final/) and no step-* checkpoint" in message and "\n" not in message
+    assert "dropbp.rate 0.875 -> 0.5; dropbp.sampling 'bernoulli' -> 'fixed'" in message
+    assert "--overwrite true" in message
+    with pytest.raises(trainer.UsageError, match="finished run") as same_options:
+        lora.setup(**fast(tmp_path, max_steps=2, save_interval=100), dropbp=DropBPArgs(rate=0.875), resume="auto")
+    assert "other options" not in str(same_options.value)
+    assert (tmp_path / "final" / "lit_model.pth").read_bytes() == final
+
+
+def test_resume_reads_checkpoints_as_weights_only(tmp_path, capsys):
+    """A training_state.pth whose pickle would run code is never unpickled: skipped by --resume auto, refused when
+    named."""
+    lora.setup(**fast(tmp_path, max_steps=2, save_interval=2))
+
+    marker = tmp_path / "code-ran"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (exec, (f"import pathlib; pathlib.Path({str(marker)!r}).touch()",))
+
+    rogue = tmp_path / "step-000009" / "training_state.pth"
+    rogue.parent.mkdir()
+    torch.save({"progress": RunsCode()}, rogue)
+    lora.setup(**fast(tmp_path, max_steps=3, save_interval=2), resume="auto")
+    out = capsys.readouterr().out
+    assert f"warning: {rogue} cannot be read (UnpicklingError)" in out and "step-000002" in out
+    with pytest.raises(trainer.UsageError, match="cannot be read as a training state \\(UnpicklingError\\)"):
+        lora.setup(**fast(tmp_path, max_steps=4, save_interval=2), resume=rogue.parent)
+    assert not marker.exists()
 
 
 def test_options_are_recorded_and_resume_with_other_options_is_refused(tmp_path, capsys):
