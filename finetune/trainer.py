@@ -541,8 +541,10 @@ def train_in(fabric, method, config, checkpoint_dir, out_dir, data, train, eval,
         validate(fabric, model, val_loader, 2, pld_handler)
     if fabric.global_rank == 0:  # also marks the run as started: see Claim.release
         write_record(record, out_dir)
+    before = weight_fingerprints(fabric, model)
     fit(fabric, method, model, optimizer, handler, pld_handler, train_loader, val_loader, warmup, train, eval,
         dropbp, out_dir, accum, max_steps, base_lr, progress, restored_rng, example, record)
+    report_moved(fabric, before, weight_fingerprints(fabric, model))
 
     # the model is saved before the final validation, so that nothing trained is lost to an error there
     final_dir = out_dir / "final"
@@ -568,6 +570,25 @@ def limit_workers(data: DataModule) -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if getattr(data, "num_workers", 0) > cores:
         data.num_workers = cores
+
+
+def weight_fingerprints(fabric, model) -> torch.Tensor:
+    """One number per trainable tensor that changes whenever the tensor does: its sum in float64 (no full-size copy;
+    under FSDP the shards' sums, added up over ranks)."""
+    sums = torch.stack([p.detach().sum(dtype=torch.float64) for p in model.parameters() if p.requires_grad])
+    if isinstance(fabric.strategy, FSDPStrategy):
+        sums = fabric.all_reduce(sums, reduce_op="sum")
+    return sums.cpu()
+
+
+def report_moved(fabric, before: torch.Tensor, after: torch.Tensor) -> None:
+    """How many trainable tensors training changed; a run that changed none learned nothing, whatever its exit
+    status, and says so."""
+    moved = int((before != after).sum())
+    fabric.print(f"Trainable tensors changed by training: {moved} of {len(before)}")
+    if moved == 0:
+        fabric.print("warning: no trainable weight changed: this run learned nothing (a learning rate of 0? no"
+                     " optimizer step?)")
 
 
 def prepare_data(data: DataModule) -> None:

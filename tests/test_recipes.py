@@ -28,13 +28,13 @@ def fast(tmp_path: Path, **train) -> dict:
     )
 
 
-def logged(out_dir: Path) -> dict:
-    """step -> metrics row, over every logger version (a resumed run writes a new one)."""
+def logged(out_dir: Path, column: str = "loss") -> dict:
+    """step -> metrics row that holds ``column``, over every logger version (a resumed run writes a new one)."""
     rows = {}
     for path in sorted(out_dir.glob("logs/csv/version_*/metrics.csv")):
         with open(path) as f:
             for row in csv.DictReader(f):
-                if row.get("loss"):
+                if row.get(column):
                     rows[int(float(row["step"]))] = row
     return rows
 
@@ -241,9 +241,7 @@ def test_litgpt_options_warmup_fraction_initial_validation_example_and_max_time(
     assert [float(rows[s]["learning_rate"]) for s in (1, 2)] == pytest.approx([0.01 / 7, 0.02 / 7])
     out = capsys.readouterr().out
     assert "Initial evaluation | val loss" in out
-    val_rows = [r for p in tmp_path.glob("logs/csv/version_*/metrics.csv") for r in csv.DictReader(open(p))
-                if r.get("val_loss")]
-    assert any(int(float(r["step"])) == 0 for r in val_rows)
+    assert 0 in logged(tmp_path, "val_loss")
     assert out.count(" -> '") == 2  # an example generated at each of the two validations
 
     timed = tmp_path / "timed"
