@@ -8,7 +8,9 @@
 #      A100 80GB), p = 0 / 0.5 / 0.75 / 0.875 with fixed sampling and 0.875 with Bernoulli sampling; every probe in
 #      a probe process that is replaced after any out-of-memory.
 #   3. The four recipes (finetune/full.py, lora.py, qlora.py, adapter.py), and qlora.py --compile true, on the
-#      built-in tiny model with --precision bf16-true for 20 steps: exit status and final validation loss.
+#      built-in tiny model with --precision bf16-true for 20 steps: exit status, the validation loss before and
+#      after training, and how many trainable tensors moved. A recipe FAILS unless it exits 0, its loss fell by at
+#      least 0.05 and every trainable tensor moved; the script then exits 1 (after writing every result).
 #   4. pytest -m gpu tests/test_gpu.py.
 # Steps 3 and 4 run beside step 2 (which measures memory, not time); step 1 runs alone.
 #
@@ -92,8 +94,9 @@ if [[ $DRY_RUN == 1 ]]; then
   T3=(--memory_budget 0.004 --max_seq_limit 2048 --granularity 32)
   T3_START_FIXED=32
   T3_START_BERNOULLI=256
-  RECIPE=(--precision 32-true --train.max_steps 2 --train.global_batch_size 4 --train.micro_batch_size 2
-          --train.lr_warmup_steps 1 --eval.max_iters 2 --data Builtin --data.num_samples 64)
+  RECIPE=(--precision 32-true --train.max_steps 10 --train.global_batch_size 4 --train.micro_batch_size 2
+          --train.lr_warmup_steps 1 --eval.max_iters 2 --eval.initial_validation true --data Builtin
+          --data.num_samples 64)
   export DROPBP_GPU_TESTS_ON_CPU=1  # tests/test_gpu.py on the CPU
   COMPILED_RECIPE=lora
 else
@@ -102,7 +105,7 @@ else
   T3=(--gpu_memory_gib 80 --max_seq_limit 32768 --granularity 256)
   T3_START_FIXED=2048
   T3_START_BERNOULLI=8192
-  RECIPE=(--precision bf16-true --train.max_steps 20)
+  RECIPE=(--precision bf16-true --train.max_steps 20 --eval.initial_validation true)
   COMPILED_RECIPE=qlora
 fi
 BENCH=("$PY" scripts/benchmark.py "${MODEL[@]}")
@@ -152,15 +155,26 @@ say "recipes: started (limit $((90 * SCALE))s each)"
 step "pytest -m gpu" 120 "$RESULTS/pytest_gpu.txt" "$PY" -m pytest -m gpu -rs -p no:cacheprovider \
   tests/test_gpu.py
 wait "${RECIPE_PIDS[@]}"
+RECIPES_FAILED=0
 for run in "${RUNS[@]}"; do
   read -r status seconds < "$SCRATCH/recipe_$run.status"
-  loss=$(grep -o "Final evaluation | val loss: [0-9.]*" "$SCRATCH/recipe_$run.log" | tail -1 | grep -o "[0-9.]*$")
-  echo "$run: exit $status, ${seconds}s, final val loss ${loss:-none}" | tee -a "$RESULTS/recipes.txt"
-  if [[ $status != 0 ]]; then
-    { echo "--- last lines of $run:"; tail -n 15 "$SCRATCH/recipe_$run.log"; } >> "$RESULTS/recipes.txt"
+  log_of_run=$SCRATCH/recipe_$run.log
+  initial=$(grep -o "Initial evaluation | val loss: [0-9.]*" "$log_of_run" | tail -1 | grep -o "[0-9.]*$")
+  loss=$(grep -o "Final evaluation | val loss: [0-9.]*" "$log_of_run" | tail -1 | grep -o "[0-9.]*$")
+  moved=$(grep -o "Trainable tensors changed by training: [0-9]* of [0-9]*" "$log_of_run" | tail -1 | sed 's/.*: //')
+  verdict=FAILED  # exit 0 proves nothing: the loss must fall and every trainable tensor move
+  if [[ $status == 0 && -n $initial && -n $loss && -n $moved && ${moved% of *} == "${moved#* of }" ]] &&
+     awk -v i="$initial" -v f="$loss" 'BEGIN { exit !(f < i - 0.05) }'; then
+    verdict=learned
+  fi
+  echo "$run: exit $status, ${seconds}s, val loss ${initial:-none} -> ${loss:-none}, tensors moved ${moved:-none}:" \
+    "$verdict" | tee -a "$RESULTS/recipes.txt"
+  if [[ $verdict != learned ]]; then
+    RECIPES_FAILED=$((RECIPES_FAILED + 1))
+    { echo "--- last lines of $run:"; tail -n 15 "$log_of_run"; } >> "$RESULTS/recipes.txt"
   fi
 done
-say "recipes: $(grep -c ': exit 0,' "$RESULTS/recipes.txt")/${#RUNS[@]} exited 0"
+say "recipes: $((${#RUNS[@]} - RECIPES_FAILED))/${#RUNS[@]} exited 0 and learned"
 wait "$TABLE3"
 
 # --- merge the per-step JSON rows into one file per table
@@ -182,3 +196,7 @@ for table, parts in (("table5", ["table5_full", "table5_lora", "table5_qlora", "
 EOF
 rm -rf "$SCRATCH"
 say "done in $((SECONDS - START))s; results in $RESULTS"
+if [[ $RECIPES_FAILED != 0 ]]; then
+  say "FAILED: $RECIPES_FAILED recipe(s) did not learn (recipes.txt)"
+  exit 1
+fi

@@ -3,6 +3,7 @@ checkpoint, Ctrl-C, the recorded options, choice options and --help."""
 
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -208,3 +209,16 @@ def test_help_describes_every_option(monkeypatch, capsys):
     for description in ("Target average drop rate", "Final keep ratio of the last block",
                         "Number of optimizer steps between saving checkpoints", "replace a run already in out_dir"):
         assert description in " ".join(text.split()), description
+
+
+def test_make_demo_runs_again(tmp_path, monkeypatch, capsys):
+    """`make demo` twice: its own command line (read from the Makefile, shortened to 2 steps, into a temporary
+    out_dir) must not refuse the second run."""
+    line = next(l for l in (Path(__file__).parents[1] / "Makefile").read_text().splitlines()
+                if "finetune/lora.py" in l and l.startswith("\t"))
+    argv = line.split("finetune/lora.py", 1)[1].split()
+    argv[argv.index("--out_dir") + 1] = str(tmp_path / "demo")
+    for _ in range(2):
+        monkeypatch.setattr(sys, "argv", ["lora.py", *argv, "--train.max_steps", "2", "--eval.max_new_tokens", "0"])
+        trainer.cli(lora.setup)
+    assert sorted(logged(tmp_path / "demo")) == [1, 2] and (tmp_path / "demo" / "final" / "lit_model.pth").is_file()
