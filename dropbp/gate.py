@@ -18,6 +18,10 @@ class DropBPGate(nn.Module):
       keeps no activations, and back-propagation does not enter it (gradients still flow through the residual).
     - ``skipped`` (Progressive Layer Dropping): the branch does not run at all; the gate returns ``None``.
     - ``scale``: multiplies a kept branch's output (PLD's 1/keep); 1.0 means untouched.
+    - ``touch`` (several processes): a dropped or skipped branch adds ``0 * w[0, ..., 0]`` over its trainable
+      weights ``w`` to its output (skipped: returns that zero). The forward value is unchanged, but each such weight
+      takes part in backward with a zero gradient, so that a data-parallel wrapper reduces it in this backward:
+      FSDP reduces a unit only if its weights took part, and its weights are reachable only inside its forward.
 
     The gate has no parameters or buffers, so wrapping a model leaves its state-dict keys unchanged.
     """
@@ -34,6 +38,7 @@ class DropBPGate(nn.Module):
         self.dropped = False
         self.skipped = False
         self.scale = 1.0
+        self.touch = False
 
     @property
     def passthrough(self) -> bool:
@@ -44,13 +49,19 @@ class DropBPGate(nn.Module):
 
     def forward(self, branch: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> Optional[torch.Tensor]:
         if self.skipped:
-            return None
+            return self.zero_term() if self.touch and torch.is_grad_enabled() else None
         if self.dropped and torch.is_grad_enabled():
             with torch.no_grad():
                 out = branch(*args, **kwargs)
-        else:
-            out = branch(*args, **kwargs)
+            zero = self.zero_term() if self.touch else None
+            return out if zero is None else out + zero
+        out = branch(*args, **kwargs)
         return out if self.scale == 1.0 else out * self.scale
+
+    def zero_term(self) -> Optional[torch.Tensor]:
+        """``0 * sum(w[0, ..., 0])`` over the branch's trainable weights (None when it has none): see ``touch``."""
+        firsts = [p[(0,) * p.dim()].float() for p in self.branch_parameters() if p.requires_grad]
+        return torch.stack(firsts).sum() * 0.0 if firsts else None  # 0-dim: adding it keeps the output's dtype
 
     def branch_parameters(self) -> list:
         """Parameters of the modules this branch runs (they get no gradient when the branch is dropped)."""

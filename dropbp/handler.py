@@ -81,9 +81,10 @@ class DropBPHandler:
 
     @property
     def realised_rate(self) -> float:
-        """FLOPs-weighted fraction of branches dropped in the current mask."""
-        flops = self.flops
-        return float((self.mask.double() * flops).sum() / flops.sum())
+        """FLOPs-weighted fraction of branches dropped in the current mask (from the gates' Python state: no tensor
+        is read, so a training loop may call it every micro-batch)."""
+        total = sum(g.flops for g in self.gates)
+        return sum(g.flops for g in self.gates if g.dropped) / total
 
     # ----------------------------------------------------------------------------------------------- masks
     def sample(self) -> torch.Tensor:
@@ -120,6 +121,12 @@ class DropBPHandler:
         self.mask = mask.clone()
         for gate, dropped in zip(self.gates, mask.tolist()):
             gate.dropped = dropped
+
+    def touch_dropped(self, enabled: bool) -> None:
+        """Make dropped and skipped branches give their trainable weights a zero gradient in this micro-batch's
+        backward (``DropBPGate.touch``): for the micro-batch in which a data-parallel wrapper reduces gradients."""
+        for gate in self.gates:
+            gate.touch = enabled
 
     def keep_all(self) -> None:
         """Back-propagate through every branch (evaluation, sensitivity reference, or p = 0)."""

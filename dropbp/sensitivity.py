@@ -82,9 +82,10 @@ def compute_sensitivity(
         backward(loss_fn())
         grads = []
         for p in params:
-            # the grad tensor itself is kept (no copy): p.grad is reset, so the next probe allocates a new one
+            # kept as a copy: a data-parallel wrapper may let .grad be a view of its own buffer (DDP's
+            # gradient_as_bucket_view), which the next probe overwrites
             g = None if p.grad is None else p.grad.detach()
-            grads.append(g.double().norm() if (g is not None and metric == "gradnorm") else g)
+            grads.append(None if g is None else g.double().norm() if metric == "gradnorm" else g.clone())
             p.grad = None
         return grads
 

@@ -325,10 +325,11 @@ class Claim:
     def release(self) -> None:
         """Drop the lock; a directory this run made and never started training in (refused or failed in set-up:
         ``hyperparameters.yaml`` is written just before the first step) is removed rather than left empty."""
-        (self.out_dir / LOCK).unlink(missing_ok=True)
-        os.close(self.lock_fd)
         if self.created and not (self.out_dir / RECORD).exists():
-            shutil.rmtree(self.out_dir, ignore_errors=True)
+            shutil.rmtree(self.out_dir, ignore_errors=True)  # the lock file with it, while still held
+        else:
+            (self.out_dir / LOCK).unlink(missing_ok=True)
+        os.close(self.lock_fd)
 
 
 def claim_out_dir(out_dir: Path, resume, overwrite: bool) -> tuple[Optional[str], Optional[Claim]]:
@@ -343,10 +344,8 @@ def claim_out_dir(out_dir: Path, resume, overwrite: bool) -> tuple[Optional[str]
         problem = (f"{out_dir} already holds a run ({', '.join(previous[-3:])}): pass --resume auto to continue it,"
                    " --overwrite true to replace it, or another --out_dir")
     if problem is not None:
-        if lock_fd is not None:
+        if lock_fd is not None:  # without the lock, the directory is another run's: never touch it
             Claim(out_dir, created, lock_fd).release()
-        elif created:
-            shutil.rmtree(out_dir, ignore_errors=True)
         return problem, None
     if previous and resume in (False, "false", "False", None):  # --overwrite true
         for name in previous + ["logs", "dropbp_allocation.json", "dropbp_allocation.png", RECORD]:
@@ -415,8 +414,8 @@ def launch_plan(method: Method, precision: Optional[str], devices: int, num_node
 
 
 def choose_strategy(method: Method, world_size: int, cuda: bool):
-    """Full fine-tuning on GPUs: FSDP, as litgpt (Lightning has no FSDP on CPU). Otherwise DDP, whose gradients
-    the training loop averages itself: the parameters of dropped branches keep ``.grad`` None on every rank."""
+    """Full fine-tuning on GPUs: FSDP, as litgpt (Lightning has no FSDP on CPU). Otherwise DDP. Either reduces the
+    gradients once per step, in the last micro-batch (see `train_steps`)."""
     if world_size == 1:
         return "auto"
     if method.full and cuda:
@@ -424,7 +423,9 @@ def choose_strategy(method: Method, world_size: int, cuda: bool):
             auto_wrap_policy={Block}, activation_checkpointing_policy={Block}, state_dict_type="full",
             limit_all_gathers=True, cpu_offload=False,
         )
-    return DDPStrategy()  # gradients are averaged by hand (see `average_gradients`), never by DDP's reducer
+    # DDP reduces in each step's last micro-batch, overlapped with its backward, from buckets that the gradients
+    # are views of (no second copy)
+    return DDPStrategy(gradient_as_bucket_view=True)
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -655,15 +656,18 @@ def fit(
 
 def train_steps(fabric, method, model, optimizer, handler, pld_handler, train_iter, val_loader, warmup, train, eval,
                 dropbp, out_dir, accum, max_steps, base_lr, progress, example, record, bar, write, state) -> None:
+    """The loop. Nothing in a micro-batch waits for the device: losses and fw/bw times stay there
+    (:class:`StepWindow`) and are read at log and save steps, where divergence is checked too. On several ranks a
+    step reduces gradients once, in its last micro-batch, through DDP's or FSDP's own hooks: that micro-batch's
+    dropped branches touch their weights (``handler.touch_dropped``) so that every weight takes part, and the
+    weights dropped in every micro-batch of the step get their gradient set back to None before the optimizer."""
     max_time = train.max_time or math.inf  # seconds of wall time since training started, as litgpt
     allocate_at = int(dropbp.sensitivity_at * max_steps) if math.isfinite(max_steps) else None
     needs_allocation = dropbp.rate > 0 and dropbp.allocation == "sensitivity" and pld_handler is None
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    sharded = isinstance(fabric.strategy, FSDPStrategy)
-    sync_by_hand = fabric.world_size > 1 and not sharded
+    several = fabric.world_size > 1
     metric = dropbp.sensitivity if dropbp.sensitivity != "auto" else ("gradnorm" if method.full else "grad")
     probe = probe_batch(train_iter.iterable, dropbp.probe_batch_size or train.micro_batch_size, fabric)
-    window = {"loss": 0.0, "fw": 0.0, "bw": 0.0, "drop": 0.0, "n": 0}
+    window = StepWindow(fabric.device)
     kept = torch.zeros(len(handler.gates), dtype=torch.bool)  # branches back-propagated in this optimizer step
     step_t0 = fit_t0 = time.perf_counter()
     while progress["step"] < max_steps:
@@ -677,57 +681,42 @@ def train_steps(fabric, method, model, optimizer, handler, pld_handler, train_it
         if dropbp.rate > 0 or pld_handler is None:
             handler.sample()
         kept |= torch.tensor([not (g.dropped or g.skipped) for g in handler.gates])
+        handler.touch_dropped(several and not is_accumulating)
 
-        t0 = time.perf_counter()
-        # FSDP reduces every micro-batch: under its no_sync, a block that took part in an unsynchronised micro-batch
-        # but is dropped in the step's last one fails FSDP's final check ("should use `_saved_grad_shard`")
-        with fabric.no_backward_sync(model, enabled=(is_accumulating and not sharded) or sync_by_hand):
+        window.mark()
+        with fabric.no_backward_sync(model, enabled=is_accumulating):
             loss = micro_batch_loss(model, batch)
-            t1 = sync_time(fabric)
-            # No graph when the kept branches hold nothing trainable (LoRA on q and v only, every branch dropped):
-            # this micro-batch adds nothing to any gradient.
+            window.mark()
+            # No graph when the kept branches hold nothing trainable (LoRA on q and v only, every branch dropped) in
+            # a micro-batch that does not reduce: it adds nothing to any gradient.
             if loss.requires_grad:
                 fabric.backward(loss / accum)
-            t2 = sync_time(fabric)
-        if sync_by_hand and not is_accumulating:
-            average_gradients(fabric, trainable)
-        loss_value = loss.item()
-        diverged = not math.isfinite(loss_value)
-        if fabric.world_size > 1:  # stop every rank together: the others would wait forever in the next collective
-            diverged = bool(fabric.all_reduce(torch.tensor(float(diverged)), reduce_op="max").item())
-        if diverged:
-            raise UsageError(f"non-finite loss in step {progress['step'] + 1} (micro-batch {progress['iter']}, loss"
-                             f" {loss_value} here): stopping; the checkpoints saved so far are intact")
-        window["loss"] += loss_value
-        window["fw"] += t1 - t0
-        window["bw"] += t2 - t1
-        window["drop"] += handler.realised_rate if pld_handler is None else pld_handler.skipped_fraction
-        window["n"] += 1
+            window.mark()
+        window.add(loss.detach(), progress["iter"],
+                   handler.realised_rate if pld_handler is None else pld_handler.skipped_fraction)
         if is_accumulating:
             continue
 
         lr = lr_at(progress["step"], base_lr, warmup, max_steps, train.min_lr)
         set_lr(optimizer, lr)
+        if several:
+            clear_dropped_gradients(handler, kept)
         if train.max_norm is not None:
             fabric.clip_gradients(model, optimizer, max_norm=train.max_norm)
-        if sharded:
-            clear_dropped_gradients(handler, kept)
         kept[:] = False
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         progress["step"] += 1
-        step_time = time.perf_counter() - step_t0
-        n = window["n"]
-        metrics = {
-            "loss": window["loss"] / n, "step": progress["step"], "iter": progress["iter"], "learning_rate": lr,
-            "step_time": step_time, "forward_time": window["fw"], "backward_time": window["bw"],
-            "drop_rate": window["drop"] / n, "epoch": train_iter.epoch,
-        }
-        window = dict.fromkeys(window, 0.0)
-        if progress["step"] % train.log_interval == 0:
-            fabric.log_dict(metrics, step=progress["step"])
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", fw=f"{metrics['forward_time']*1e3:.0f}ms",
-                        bw=f"{metrics['backward_time']*1e3:.0f}ms", drop=f"{metrics['drop_rate']:.2f}")
+        saving = train.save_interval is not None and progress["step"] % train.save_interval == 0
+        if progress["step"] % train.log_interval == 0 or saving:  # values are read here, and only here
+            metrics = window.read(fabric, accum)
+            metrics.update(step=progress["step"], iter=progress["iter"], learning_rate=lr, epoch=train_iter.epoch,
+                           step_time=time.perf_counter() - step_t0)
+            if progress["step"] % train.log_interval == 0:
+                fabric.log_dict(metrics, step=progress["step"])
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", fw=f"{metrics['forward_time']*1e3:.0f}ms",
+                            bw=f"{metrics['backward_time']*1e3:.0f}ms", drop=f"{metrics['drop_rate']:.2f}")
+        window.reset()
         bar.update(1)
 
         if needs_allocation and not handler.allocated and allocate_at is not None and progress["step"] >= allocate_at:
@@ -741,46 +730,76 @@ def train_steps(fabric, method, model, optimizer, handler, pld_handler, train_it
             write(f"step {progress['step']}: val loss {val_loss:.4f}")
             example.generate(fabric, model, write)
         state.update(training_state(handler, pld_handler, progress))
-        if train.save_interval is not None and progress["step"] % train.save_interval == 0:
+        if saving:
             save_training_state(fabric, model, optimizer, state, record, out_dir)
         out_of_time = time.perf_counter() - fit_t0 > max_time
-        if math.isfinite(max_time) and fabric.world_size > 1:  # every rank stops after the same step
+        if math.isfinite(max_time) and several:  # every rank stops after the same step
             out_of_time = bool(fabric.all_reduce(torch.tensor(float(out_of_time)), reduce_op="max").item())
         if out_of_time:
             write(f"--train.max_time {train.max_time:g}s reached after step {progress['step']}: stopping")
             break
         step_t0 = time.perf_counter()  # validation and saving are not training time
+    window.check_finite(fabric, accum)  # before final/ is written
 
 
-def average_gradients(fabric, params) -> None:
-    """Average the accumulated gradients over ranks: one small collective for which parameters hold a gradient on
-    any rank, then one per gradient dtype, in the order of first appearance in ``params`` (the same on every rank,
-    where a set's order differs between processes). Every rank drops the same branches, but a parameter may still
-    hold a gradient on one rank only (a MoE expert no token of this rank's batch was routed to): it takes zeros
-    there, so the flat buffers line up; a parameter without gradient on every rank (a dropped branch) stays None.
+class StepWindow:
+    """One optimizer step's loss, forward and backward times and drop rate, kept on the device until read: reading a
+    value waits for the device, so the loop reads only at log and save steps (``read``). Times come from CUDA events
+    on a GPU (recorded, never waited for, in the loop) and from the wall clock on a CPU. The first non-finite loss
+    since the last check is remembered on the device (its micro-batch), and ``read``/``check_finite`` stop the run on
+    every rank, before anything is saved, when any rank had one."""
 
-    Under DDP this replaces DDP's own synchronisation (every forward runs in ``no_backward_sync``). DDP remembers
-    which parameters were used in unsynchronised micro-batches and all-reduces them at the next synchronised
-    backward; when a step's last micro-batch has no backward (nothing trainable kept), that memory leaks into the
-    next step, whose backward then fails on a parameter without gradient ("Encountered gradient which is
-    undefined, but still allreduced by DDP reducer")."""
-    params = list(params)
-    held = fabric.all_reduce(torch.tensor([float(p.grad is not None) for p in params]), reduce_op="max")
-    for p, anywhere in zip(params, held.tolist()):
-        if anywhere and p.grad is None:
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params if p.grad is not None]
-    for dtype in dict.fromkeys(g.dtype for g in grads):
-        same = [g for g in grads if g.dtype == dtype]
-        flat = fabric.all_reduce(torch.cat([g.reshape(-1) for g in same]), reduce_op="mean")
-        for g, part in zip(same, flat.split([g.numel() for g in same])):
-            g.copy_(part.view_as(g))
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.cuda = device, device.type == "cuda"
+        self.bad_iter = torch.full((), -1, dtype=torch.int64, device=device)  # first micro-batch with a bad loss
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.n, self.drop, self.marks = None, 0, 0.0, []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def add(self, loss: torch.Tensor, micro_batch: int, drop_rate: float) -> None:
+        self.loss = loss if self.loss is None else self.loss + loss
+        self.n += 1
+        self.drop += drop_rate
+        fresh = ~torch.isfinite(loss) & (self.bad_iter < 0)
+        self.bad_iter = torch.where(fresh, micro_batch, self.bad_iter)
+
+    def read(self, fabric, accum: int) -> dict:
+        self.check_finite(fabric, accum)
+        marks = self.marks
+        if self.cuda:
+            marks[-1].synchronize()
+            spans = [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
+        else:
+            spans = [b - a for a, b in zip(marks, marks[1:])]
+        return {"loss": self.loss.item() / self.n, "forward_time": sum(spans[0::3]),
+                "backward_time": sum(spans[1::3]), "drop_rate": self.drop / self.n}
+
+    def check_finite(self, fabric, accum: int) -> None:
+        mine = first = self.bad_iter
+        if fabric.world_size > 1:  # every rank stops together: the others would wait forever in the next collective
+            never = torch.iinfo(torch.int64).max
+            first = fabric.all_reduce(torch.where(mine < 0, never, mine), reduce_op="min")
+            first = torch.where(first == never, -1, first)
+        first = int(first.item())
+        if first >= 0:
+            where = "here" if int(mine.item()) == first else "on another rank"
+            raise UsageError(f"non-finite loss in step {(first - 1) // accum + 1} (micro-batch {first}, {where}):"
+                             " stopping; the checkpoints saved so far are intact")
 
 
 def clear_dropped_gradients(handler, kept: torch.Tensor) -> None:
-    """FSDP gives every parameter of a unit that took part in backward a gradient, zeros for a branch dropped in
-    every micro-batch of the step. Set those to None, as on one device or under DDP, so the optimizer leaves them
-    (weight decay, momentum, Adam state) alone."""
+    """On several ranks every trainable weight takes part in the step's reducing backward, those of branches dropped
+    in every micro-batch of the step with a zero gradient (FSDP also gives zeros to the rest of a unit). Set those to
+    None, as on one device, so the optimizer leaves them (weight decay, momentum, Adam state) alone."""
     live = {id(p) for gate, k in zip(handler.gates, kept.tolist()) if k for p in gate.branch_parameters()}
     for gate, k in zip(handler.gates, kept.tolist()):
         if not k:
@@ -794,12 +813,6 @@ def micro_batch_loss(model, batch) -> torch.Tensor:
     logits = model(input_ids, lm_head_chunk_size=128)
     logits[-1] = logits[-1][..., :-1, :]  # output n predicts token n+1
     return chunked_cross_entropy(logits, targets[..., 1:])
-
-
-def sync_time(fabric) -> float:
-    if fabric.device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 def lr_at(step: int, base_lr: float, warmup: int, max_steps: float, min_lr: float) -> float:
@@ -823,19 +836,15 @@ def probe_batch(train_loader, size: int, fabric) -> dict:
 
 def allocate(fabric, model, handler, probe, dropbp, metric, out_dir, step: int, write=print) -> None:
     t0 = time.perf_counter()
-    sync_by_hand = fabric.world_size > 1 and not isinstance(fabric.strategy, FSDPStrategy)
-    trainable = [p for p in model.parameters() if p.requires_grad]
 
     def probe_loss():
-        with fabric.no_backward_sync(model, enabled=sync_by_hand):  # as in training: DDP never syncs by itself
-            return micro_batch_loss(model, probe)
+        return micro_batch_loss(model, probe)
 
-    def probe_backward(loss):
-        fabric.backward(loss)
-        if sync_by_hand:
-            average_gradients(fabric, trainable)
-
-    sensitivity = compute_sensitivity(handler, model, probe_loss, metric=metric, backward=probe_backward)
+    handler.touch_dropped(fabric.world_size > 1)  # each probe reduces its gradients, as a step's last micro-batch
+    try:
+        sensitivity = compute_sensitivity(handler, model, probe_loss, metric=metric, backward=fabric.backward)
+    finally:
+        handler.touch_dropped(False)
     # Every rank probes the same batch. Under DDP the probe gradients are averaged, so the sensitivities agree; under
     # FSDP each rank holds a shard of every gradient, and the shards' parts add up ("gradnorm" then takes the norm
     # of each shard of a tensor rather than of the whole tensor).
