@@ -325,10 +325,11 @@ class Claim:
     def release(self) -> None:
         """Drop the lock; a directory this run made and never started training in (refused or failed in set-up:
         ``hyperparameters.yaml`` is written just before the first step) is removed rather than left empty."""
-        (self.out_dir / LOCK).unlink(missing_ok=True)
-        os.close(self.lock_fd)
         if self.created and not (self.out_dir / RECORD).exists():
-            shutil.rmtree(self.out_dir, ignore_errors=True)
+            shutil.rmtree(self.out_dir, ignore_errors=True)  # the lock file with it, while still held
+        else:
+            (self.out_dir / LOCK).unlink(missing_ok=True)
+        os.close(self.lock_fd)
 
 
 def claim_out_dir(out_dir: Path, resume, overwrite: bool) -> tuple[Optional[str], Optional[Claim]]:
@@ -343,10 +344,8 @@ def claim_out_dir(out_dir: Path, resume, overwrite: bool) -> tuple[Optional[str]
         problem = (f"{out_dir} already holds a run ({', '.join(previous[-3:])}): pass --resume auto to continue it,"
                    " --overwrite true to replace it, or another --out_dir")
     if problem is not None:
-        if lock_fd is not None:
+        if lock_fd is not None:  # without the lock, the directory is another run's: never touch it
             Claim(out_dir, created, lock_fd).release()
-        elif created:
-            shutil.rmtree(out_dir, ignore_errors=True)
         return problem, None
     if previous and resume in (False, "false", "False", None):  # --overwrite true
         for name in previous + ["logs", "dropbp_allocation.json", "dropbp_allocation.png", RECORD]:
