@@ -12,6 +12,7 @@ from litgpt.args import EvalArgs, TrainArgs
 from litgpt.data import DataModule
 
 from finetune import trainer
+from finetune.checkpoint import save_weights, trainable_names
 from finetune.args import DropBPArgs, PLDArgs
 from lit_gpt.adapter_v2 import GPT, Config, mark_only_adapter_v2_as_trainable
 
@@ -21,8 +22,8 @@ def finalize(fabric, model, checkpoint_dir: Path, final_dir: Path) -> None:
     (``lit_model.pth``, hard-linked when possible), so that ``final/`` is complete on its own:
     ``litgpt generate_adapter_v2 final --adapter_path final/lit_model.pth.adapter_v2`` and
     ``eval/evaluate.py --checkpoint_dir final`` work on it."""
-    trainable = trainer.trainable_names(model)
-    trainer.save_weights(fabric, model, final_dir / "lit_model.pth.adapter_v2", keep=lambda name: name in trainable)
+    trainable = trainable_names(model)
+    save_weights(fabric, model, final_dir / "lit_model.pth.adapter_v2", keep=lambda name: name in trainable)
     if fabric.global_rank == 0:
         base, target = checkpoint_dir / "lit_model.pth", final_dir / "lit_model.pth"
         target.unlink(missing_ok=True)
@@ -78,8 +79,9 @@ def setup(
         mark_trainable=mark_only_adapter_v2_as_trainable,
         finalize=finalize,
     )
-    trainer.run(method, checkpoint_dir, out_dir, precision, devices, num_nodes, data, train, eval, dropbp, pld,
-                optimizer, logger_name, seed, resume, overwrite, compile)
+    options = trainer.Options(checkpoint_dir, out_dir, precision, devices, num_nodes, data, train, eval, dropbp, pld,
+                              optimizer, logger_name, seed, resume, overwrite, compile)
+    trainer.run(method, options)
 
 
 if __name__ == "__main__":

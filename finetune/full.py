@@ -11,12 +11,13 @@ from litgpt.config import Config
 from litgpt.data import DataModule
 
 from finetune import trainer
+from finetune.checkpoint import save_weights
 from finetune.args import DropBPArgs, PLDArgs
 from lit_gpt.model import GPT
 
 
 def finalize(fabric, model, checkpoint_dir: Path, final_dir: Path) -> None:
-    trainer.save_weights(fabric, model, final_dir / "lit_model.pth")
+    save_weights(fabric, model, final_dir / "lit_model.pth")
 
 
 def setup(
@@ -65,8 +66,9 @@ def setup(
         finalize=finalize,
         full=True,
     )
-    trainer.run(method, checkpoint_dir, out_dir, precision, devices, num_nodes, data, train, eval, dropbp, pld,
-                optimizer, logger_name, seed, resume, overwrite, compile)
+    options = trainer.Options(checkpoint_dir, out_dir, precision, devices, num_nodes, data, train, eval, dropbp, pld,
+                              optimizer, logger_name, seed, resume, overwrite, compile)
+    trainer.run(method, options)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from litgpt.args import EvalArgs, TrainArgs
 from litgpt.data import DataModule
 
 from finetune import trainer
+from finetune.checkpoint import save_weights
 from finetune.args import DropBPArgs, PLDArgs
 from lit_gpt.lora import GPT, Config, mark_only_lora_as_trainable, merge_lora_weights
 
@@ -25,7 +26,7 @@ def finalize(fabric, model, checkpoint_dir: Path, final_dir: Path) -> None:
     """Save the LoRA weights (``lit_model.pth.lora``), then merge them into the *unquantized* base weights and
     save a plain litgpt ``lit_model.pth``, so litgpt's generate/chat/convert tools work on ``final/``."""
     lora_path = final_dir / "lit_model.pth.lora"
-    trainer.save_weights(fabric, model, lora_path, keep=lambda name: "lora_" in name)
+    save_weights(fabric, model, lora_path, keep=lambda name: "lora_" in name)
     if fabric.global_rank == 0:
         config = model.config
         with torch.device("meta"):
@@ -113,8 +114,9 @@ def setup(
     targets = dict(lora_query=lora_query, lora_key=lora_key, lora_value=lora_value, lora_projection=lora_projection,
                    lora_mlp=lora_mlp, lora_head=lora_head)
     method = lora_method("lora", lora_r, lora_alpha, lora_dropout, targets)
-    trainer.run(method, checkpoint_dir, out_dir, precision, devices, num_nodes, data, train, eval, dropbp, pld,
-                optimizer, logger_name, seed, resume, overwrite, compile)
+    options = trainer.Options(checkpoint_dir, out_dir, precision, devices, num_nodes, data, train, eval, dropbp, pld,
+                              optimizer, logger_name, seed, resume, overwrite, compile)
+    trainer.run(method, options)
 
 
 if __name__ == "__main__":

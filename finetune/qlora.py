@@ -2,7 +2,7 @@
 
 On GPU the base is quantized by Lightning's bitsandbytes precision plugin (litgpt's `--quantize` path). Lightning
 refuses that plugin on CPU, so there the frozen linear layers are replaced by bitsandbytes' own `Linear4bit`
-directly (`lit_gpt/quantize.py`); `trainer.launch_plan` makes that choice.
+directly (`lit_gpt/quantize.py`); `launch.launch_plan` makes that choice.
 Example: python finetune/qlora.py --dropbp.rate 0.875
 """
 
@@ -79,8 +79,9 @@ def setup(
     targets = dict(lora_query=lora_query, lora_key=lora_key, lora_value=lora_value, lora_projection=lora_projection,
                    lora_mlp=lora_mlp, lora_head=lora_head)
     method = lora_method("qlora", lora_r, lora_alpha, lora_dropout, targets, quantize=quantize)
-    trainer.run(method, checkpoint_dir, out_dir, precision, devices, 1, data, train, eval, dropbp, pld,
-                optimizer, logger_name, seed, resume, overwrite, compile)
+    options = trainer.Options(checkpoint_dir, out_dir, precision, devices, 1, data, train, eval, dropbp, pld,
+                              optimizer, logger_name, seed, resume, overwrite, compile)
+    trainer.run(method, options)
 
 if __name__ == "__main__":
     trainer.cli(setup)

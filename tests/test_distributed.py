@@ -24,7 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script for the worker processes
 
-from finetune import full, lora, trainer  # noqa: E402
+from finetune import full, loop, lora, sensitivity_pass, trainer  # noqa: E402
+from finetune import launch as launch_plan  # noqa: E402
 from finetune.args import DropBPArgs  # noqa: E402
 
 SEED = 1337
@@ -68,7 +69,7 @@ def worker(case: str, out_dir: Path) -> None:
             record["batches"].append({k: batch[k].clone() for k in ("input_ids", "labels")})
             return batch
 
-    probe_batch, compute_sensitivity, fit = trainer.probe_batch, trainer.compute_sensitivity, trainer.fit
+    probe_batch, compute_sensitivity, fit = loop.probe_batch, sensitivity_pass.compute_sensitivity, trainer.fit
 
     def recording_probe_batch(*args):
         record["probe"] = probe_batch(*args)
@@ -78,7 +79,8 @@ def worker(case: str, out_dir: Path) -> None:
         record["sensitivity"].append(compute_sensitivity(*args, **kwargs))
         return record["sensitivity"][-1]
 
-    def recording_fit(fabric, method, model, optimizer, handler, *args):
+    def recording_fit(run, *args):
+        fabric, model, optimizer, handler = run.fabric, run.model, run.optimizer, run.handler
         record["init"] = trainable_state(model)
         record["checkpointed"] = sum(type(m).__name__ == "CheckpointWrapper" for m in model.modules())
 
@@ -92,26 +94,26 @@ def worker(case: str, out_dir: Path) -> None:
 
         optimizer.optimizer.register_step_pre_hook(before_step)
         optimizer.optimizer.register_step_post_hook(after_step)
-        fit(fabric, method, model, optimizer, handler, *args)
+        fit(run, *args)
         record.update(rates=handler.rates.clone(), allocated=handler.allocated, strategy=type(fabric.strategy).__name__)
         torch.save(record, out_dir / f"rank{fabric.global_rank}.pt")
 
     if case == "nan":  # rank 1 alone diverges in step 2: both ranks must stop there, neither may hang
-        loss_of = trainer.micro_batch_loss
+        loss_of = loop.micro_batch_loss
 
         def diverging_loss(model, batch):
             loss = loss_of(model, batch)
             diverge = len(record["masks"]) == 3 and int(os.environ.get("LOCAL_RANK", 0)) == 1
             return loss * float("nan") if diverge else loss
 
-        trainer.micro_batch_loss = diverging_loss
+        loop.micro_batch_loss = diverging_loss
 
     DropBPHandler.sample = recording_sample
-    trainer.CycleIterator = RecordingIterator
-    trainer.probe_batch, trainer.compute_sensitivity = recording_probe_batch, recording_sensitivity
+    loop.CycleIterator = RecordingIterator
+    loop.probe_batch, sensitivity_pass.compute_sensitivity = recording_probe_batch, recording_sensitivity
     trainer.fit = recording_fit
     if case == "fsdp":
-        trainer.choose_strategy = lambda method, world_size, cuda: cpu_fsdp_strategy()
+        launch_plan.choose_strategy = lambda method, world_size, cuda: cpu_fsdp_strategy()
         # Lightning gathers full state dicts with offload_to_cpu=True, which segfaults in torch's FSDP on CPU
         full.finalize = lambda *args: None
 
@@ -164,26 +166,27 @@ def collectives_worker(strategy: str, out_dir: Path) -> None:
 
     fit, counts = trainer.fit, {}
 
-    def counting_fit(fabric, method, model, optimizer, handler, pld_handler, train_loader, *args):
+    def counting_fit(run, *args):
+        fabric, method, model, optimizer, handler = run.fabric, run.method, run.model, run.optimizer, run.handler
         if strategy == "ddp":
             model._forward_module.register_comm_hook(None, allreduce_hook)  # DDP's default, through dist.all_reduce
         marks = []
         optimizer.optimizer.register_step_pre_hook(lambda *_: marks.append(len(log)))
-        batches = iter(train_loader)
+        batches = iter(run.train_loader)
         handler.keep_all()
         for _ in range(COUNT_STEPS):  # litgpt's loop
             for k in range(COUNT_ACCUM):
                 with fabric.no_backward_sync(model, enabled=k < COUNT_ACCUM - 1):
-                    fabric.backward(trainer.micro_batch_loss(model, next(batches)) / COUNT_ACCUM)
+                    fabric.backward(loop.micro_batch_loss(model, next(batches)) / COUNT_ACCUM)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        fit(fabric, method, model, optimizer, handler, pld_handler, train_loader, *args)
+        fit(run, *args)
         steps = [log[a:b] for a, b in zip(marks, marks[1:])]
         counts[method.name] = {"litgpt": steps[1:COUNT_STEPS - 1], "ours": steps[COUNT_STEPS:]}
 
     trainer.fit = counting_fit
     if strategy == "fsdp":
-        trainer.choose_strategy = lambda method, world_size, cuda: cpu_fsdp_strategy()
+        launch_plan.choose_strategy = lambda method, world_size, cuda: cpu_fsdp_strategy()
         full.finalize = lambda *args: None  # see `worker`
     recipes = {"fsdp": [full], "ddp": [full, lora]}[strategy]
     result = {}
@@ -304,7 +307,7 @@ def check_run(case: str, tmp_path: Path) -> None:
     for k in range(ACCUM):
         handler.set_mask(ranks[0]["masks"][k])
         for rank in ranks:
-            loss = trainer.micro_batch_loss(model, rank["batches"][k])
+            loss = loop.micro_batch_loss(model, rank["batches"][k])
             if loss.requires_grad:  # every branch dropped in LoRA: no backward
                 (loss / (ACCUM * 2)).backward()
     with_grad = {n for n, p in params.items() if p.grad is not None}
@@ -324,8 +327,8 @@ def check_run(case: str, tmp_path: Path) -> None:
     model.load_state_dict(ranks[0]["after"], strict=False)
     model.zero_grad(set_to_none=True)
     metric = "gradnorm" if case == "full" else "grad"
-    expected = trainer.compute_sensitivity(
-        handler, model, lambda: trainer.micro_batch_loss(model, ranks[0]["probe"]), metric=metric
+    expected = sensitivity_pass.compute_sensitivity(
+        handler, model, lambda: loop.micro_batch_loss(model, ranks[0]["probe"]), metric=metric
     )
     torch.testing.assert_close(torch.tensor([b["sensitivity"] for b in report["branches"]], dtype=torch.float64),
                                expected, rtol=1e-4, atol=1e-12)

@@ -116,19 +116,19 @@ def test_qlora_recipe_trains_with_bitsandbytes_nf4_in_bf16(tmp_path):
 # Prints the strategy the recipe chose; with FORCE_TWO_DEVICE_STRATEGY=1 the recipe gets, on its one device, the
 # strategy it would pick for two GPUs (FSDP with activation checkpointing for full fine-tuning), so that FSDP's
 # code paths (wrapping the gated blocks, sharded saving) run on a real GPU. Not for DDP: at world size 1 the
-# training loop leaves gradient averaging to DDP's reducer, which no recipe ever asks of it (one device: "auto").
+# loop's no_backward_sync and touched branches are the ones tests/test_distributed.py runs with two processes.
 STRATEGY_DRIVER = """
 import os, runpy, sys
 sys.path.insert(0, ".")
-from finetune import trainer
-choose = trainer.choose_strategy
+from finetune import launch
+choose = launch.choose_strategy
 def reported(method, world_size, cuda):
     if os.environ.get("FORCE_TWO_DEVICE_STRATEGY") == "1":
         world_size = 2
     strategy = choose(method, world_size, cuda)
     print("STRATEGY", strategy if isinstance(strategy, str) else type(strategy).__name__, flush=True)
     return strategy
-trainer.choose_strategy = reported
+launch.choose_strategy = reported
 script = sys.argv[1]
 sys.argv = sys.argv[1:]
 runpy.run_path(script, run_name="__main__")

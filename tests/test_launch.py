@@ -1,4 +1,4 @@
-"""Every decision that differs on a GPU is made by `trainer.launch_plan`. Here a GPU is pretended (monkeypatched
+"""Every decision that differs on a GPU is made by `launch.launch_plan`. Here a GPU is pretended (monkeypatched
 `torch.cuda`), for every recipe x devices 1/2 x no GPU / bf16 GPU / fp16-only GPU, and the exact arguments Fabric
 would receive are checked, so no GPU-only line goes untested on a CPU."""
 
@@ -72,7 +72,8 @@ def test_fabric_receives_the_right_arguments(monkeypatch, tmp_path, recipe, devi
         assert strategy._fsdp_kwargs["limit_all_gathers"] and not strategy.cpu_offload.offload_params
         assert strategy._state_dict_type == "full"
     else:
-        assert type(strategy) is DDPStrategy and strategy._ddp_kwargs == {}  # gradients averaged by the loop
+        # DDP's reducer, its gradients views of its buckets (no second gradient-sized buffer)
+        assert type(strategy) is DDPStrategy and strategy._ddp_kwargs == {"gradient_as_bucket_view": True}
 
 
 def test_qlora_explicit_precision_on_gpu_goes_to_the_plugin(monkeypatch, tmp_path):
@@ -95,4 +96,4 @@ def test_compile_is_handed_to_main_or_refused(monkeypatch, tmp_path, recipe, gpu
             plan(monkeypatch, tmp_path, recipe, 1, gpu, compile=True, **extra)
         return
     plan(monkeypatch, tmp_path, recipe, 1, gpu, compile=True, **extra)
-    assert RecordingFabric.last.launched["compile"] is True
+    assert RecordingFabric.last.launched["opts"].compile is True

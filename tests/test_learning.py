@@ -43,10 +43,11 @@ def run_recipe(name: str, out_dir: Path, devices: int = 1) -> dict:
     recipe, options = RECIPES[name]
     states, fit = {}, trainer.fit
 
-    def recording_fit(fabric, method, model, *args):
+    def recording_fit(run, *args):
+        model = run.model
         trainable = lambda: {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}  # noqa: E731
         states["before"] = trainable()
-        fit(fabric, method, model, *args)
+        fit(run, *args)
         states["after"] = trainable()
 
     trainer.fit = recording_fit

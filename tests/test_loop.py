@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from litgpt.args import EvalArgs, TrainArgs
 
-from finetune import lora, trainer
+from finetune import loop, lora, trainer
 from finetune.args import DropBPArgs
 from lit_gpt.data import Builtin
 from tests.test_recipes import logged
@@ -55,19 +55,20 @@ def test_no_device_sync_or_float_read_in_the_micro_batch_loop(tmp_path, monkeypa
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: counts.__setitem__("synchronize",
                                                                                  counts["synchronize"] + 1))
 
-    class PretendGPUWindow(trainer.StepWindow):
+    class PretendGPUWindow(loop.StepWindow):
         def __init__(self, device):
             super().__init__(device)
             self.cuda = True  # CUDA events (the stand-ins above) for the fw/bw times
 
-    monkeypatch.setattr(trainer, "StepWindow", PretendGPUWindow)
+    monkeypatch.setattr(loop, "StepWindow", PretendGPUWindow)
     fit = trainer.fit
 
-    def counting_fit(fabric, method, model, optimizer, *args):
+    def counting_fit(run, *args):
+        optimizer = run.optimizer
         optimizer.optimizer.register_step_post_hook(lambda *_: counts.__setitem__("steps", counts["steps"] + 1))
         counts["in_fit"] = True
         try:
-            fit(fabric, method, model, optimizer, *args)
+            fit(run, *args)
         finally:
             counts["in_fit"] = False
 

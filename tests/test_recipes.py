@@ -10,7 +10,7 @@ import pytest
 import torch
 from litgpt.args import EvalArgs, TrainArgs
 
-from finetune import adapter, full, lora, qlora, trainer
+from finetune import adapter, full, loop, lora, qlora, trainer
 from finetune.args import DropBPArgs, PLDArgs
 from lit_gpt.data import Builtin
 from lit_gpt.tiny_model import ensure_tiny_checkpoint
@@ -94,17 +94,17 @@ def test_p0_loss_curve_is_deterministic_and_resume_continues_identically(tmp_pat
     expected = {s: r["loss"] for s, r in logged(full_run).items()}
 
     broken = tmp_path / "interrupted"
-    save = trainer.save_training_state
+    save = loop.save_training_state
 
     def save_then_die(*a, **k):  # Ctrl-C right after the save of step 4
         save(*a, **k)
         if a[3]["progress"]["step"] == 4:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer, "save_training_state", save_then_die)
+    monkeypatch.setattr(loop, "save_training_state", save_then_die)
     with pytest.raises(trainer.Interrupted, match="step-000004/training_state.pth holds step 4; continue with"):
         lora.setup(**{**fast(broken), **args})
-    monkeypatch.setattr(trainer, "save_training_state", save)
+    monkeypatch.setattr(loop, "save_training_state", save)
     assert not (broken / "final").exists()
     lora.setup(**{**fast(broken), **args}, resume="auto")
     resumed = {s: r["loss"] for s, r in logged(broken).items()}
@@ -212,12 +212,13 @@ def test_lora_subsets_train_through_micro_batches_that_keep_nothing_trainable(tm
         masks.append(mask)
         return mask
 
-    def recording_fit(fabric, method, model, optimizer, *args):
+    def recording_fit(run, *args):
+        model, optimizer = run.model, run.optimizer
         snapshot = lambda *_: states.append(  # noqa: E731
             {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
         snapshot()
         optimizer.optimizer.register_step_post_hook(snapshot)
-        fit(fabric, method, model, optimizer, *args)
+        fit(run, *args)
 
     monkeypatch.setattr(DropBPHandler, "sample", forcing_sample)
     monkeypatch.setattr(trainer, "fit", recording_fit)

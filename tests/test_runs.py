@@ -1,6 +1,7 @@
 """What a user hits around a run: a used out_dir, a running run, resuming with other options or from a corrupt
 checkpoint, Ctrl-C, the recorded options, choice options and --help."""
 
+import os
 import sys
 import threading
 from pathlib import Path
@@ -10,7 +11,8 @@ import torch
 import yaml
 from jsonargparse import capture_parser
 
-from finetune import lora, trainer
+from finetune import cli, loop, lora, trainer
+from finetune import out_dir as outdir
 from finetune.args import DropBPArgs
 from tests.test_recipes import fast, logged, run_cli
 
@@ -21,18 +23,18 @@ def test_a_used_out_dir_is_refused_unless_resumed_or_overwritten(tmp_path, monke
     with pytest.raises(trainer.UsageError, match="already holds a run .*--resume auto.*--overwrite true"):
         lora.setup(**fast(tmp_path, max_steps=2), dropbp=DropBPArgs(rate=0.5))
     assert (tmp_path / "final" / "lit_model.pth").read_bytes() == first  # untouched
-    assert not (tmp_path / trainer.LOCK).exists()  # released after the refusal and after the run
+    assert not (tmp_path / outdir.LOCK).exists()  # released after the refusal and after the run
 
     lora.setup(**fast(tmp_path, max_steps=2), dropbp=DropBPArgs(rate=0.5), overwrite=True)
     assert sorted(logged(tmp_path)) == [1, 2] and len(list(tmp_path.glob("logs/csv/version_*"))) == 1
 
-    held, _ = trainer.take_lock(tmp_path / trainer.LOCK)  # a running run holds the OS lock
-    with pytest.raises(trainer.UsageError, match=f"is in use by a running run \\(pid {trainer.os.getpid()} on"):
+    held, _ = outdir.take_lock(tmp_path / outdir.LOCK)  # a running run holds the OS lock
+    with pytest.raises(trainer.UsageError, match=f"is in use by a running run \\(pid {os.getpid()} on"):
         lora.setup(**fast(tmp_path, max_steps=2), overwrite=True)
-    trainer.os.close(held)  # killed: the OS frees its lock, the file stays behind, stale
-    assert (tmp_path / trainer.LOCK).exists()
+    os.close(held)  # killed: the OS frees its lock, the file stays behind, stale
+    assert (tmp_path / outdir.LOCK).exists()
     lora.setup(**fast(tmp_path, max_steps=2), dropbp=DropBPArgs(rate=0.5), resume="auto")
-    (tmp_path / trainer.LOCK).write_text("another-host 12345")  # a run on another host of a shared file system
+    (tmp_path / outdir.LOCK).write_text("another-host 12345")  # a run on another host of a shared file system
     with pytest.raises(trainer.UsageError, match="in use by a running run \\(pid 12345 on another-host"):
         lora.setup(**fast(tmp_path, max_steps=2), overwrite=True)
 
@@ -45,7 +47,7 @@ def test_two_runs_started_at_once_into_one_out_dir_cannot_both_take_it(tmp_path)
 
     def start():
         barrier.wait()
-        claims.append(trainer.claim_out_dir(out_dir, resume=False, overwrite=False))
+        claims.append(outdir.claim_out_dir(out_dir, resume=False, overwrite=False))
 
     threads = [threading.Thread(target=start) for _ in range(8)]
     for t in threads:
@@ -55,10 +57,10 @@ def test_two_runs_started_at_once_into_one_out_dir_cannot_both_take_it(tmp_path)
     winners = [claim for problem, claim in claims if claim is not None]
     assert len(winners) == 1
     assert all("is in use by a running run" in problem for problem, claim in claims if claim is None)
-    (out_dir / trainer.RECORD).write_text("{}")  # the run started: its directory stays after it ends
+    (out_dir / outdir.RECORD).write_text("{}")  # the run started: its directory stays after it ends
     winners[0].release()
-    assert out_dir.is_dir() and not (out_dir / trainer.LOCK).exists()
-    problem, claim = trainer.claim_out_dir(out_dir, resume=False, overwrite=False)
+    assert out_dir.is_dir() and not (out_dir / outdir.LOCK).exists()
+    problem, claim = outdir.claim_out_dir(out_dir, resume=False, overwrite=False)
     assert problem is None
     claim.release()
 
@@ -127,11 +129,11 @@ def test_resume_reads_checkpoints_as_weights_only(tmp_path, capsys):
 def test_options_are_recorded_and_resume_with_other_options_is_refused(tmp_path, capsys):
     lora.setup(**fast(tmp_path, max_steps=2), dropbp=DropBPArgs(rate=0.875), lora_r=4)
     for folder in ("step-000002", "final"):
-        record = yaml.safe_load((tmp_path / folder / trainer.RECORD).read_text())
+        record = yaml.safe_load((tmp_path / folder / outdir.RECORD).read_text())
         assert record["dropbp"]["rate"] == 0.875 and record["lora_r"] == 4 and record["train"]["max_steps"] == 2
     # the record is a --config file of the recipe
-    parser = capture_parser(lambda: trainer.CLI(lora.setup, args=[]))
-    parsed = parser.parse_args(["--config", str(tmp_path / "final" / trainer.RECORD)])
+    parser = capture_parser(lambda: cli.CLI(lora.setup, args=[]))
+    parsed = parser.parse_args(["--config", str(tmp_path / "final" / outdir.RECORD)])
     assert parsed.dropbp.rate == 0.875 and parsed.lora_r == 4
 
     with pytest.raises(trainer.UsageError, match=r"dropbp.rate 0.875 -> 0.5; dropbp.sampling 'bernoulli' -> 'fixed'"):
@@ -173,18 +175,18 @@ def test_failures_are_one_line_with_distinct_exit_statuses(tmp_path, monkeypatch
     ]:
         assert run_cli(lora, [*argv, *out], monkeypatch, capsys) == f"error: {message}"
 
-    save = trainer.save_training_state
+    save = loop.save_training_state
 
     def interrupted(*a, **k):
         save(*a, **k)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer, "save_training_state", interrupted)
+    monkeypatch.setattr(loop, "save_training_state", interrupted)
     monkeypatch.setattr(sys, "argv", ["lora.py", "--train.max_steps", "3", "--train.save_interval", "2",
                                       "--train.global_batch_size", "4", "--train.micro_batch_size", "2", *out])
     with pytest.raises(SystemExit) as exit_info:
         trainer.cli(lora.setup)
-    assert exit_info.value.code == trainer.EXIT_INTERRUPTED
+    assert exit_info.value.code == cli.EXIT_INTERRUPTED
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("interrupted: ")
 
     def broken_step(*a, **k):
@@ -194,7 +196,7 @@ def test_failures_are_one_line_with_distinct_exit_statuses(tmp_path, monkeypatch
     monkeypatch.setattr(sys, "argv", ["lora.py", "--out_dir", str(tmp_path / "other"), "--train.max_steps", "2"])
     with pytest.raises(SystemExit) as exit_info:
         trainer.cli(lora.setup)
-    assert exit_info.value.code == trainer.EXIT_FAILED
+    assert exit_info.value.code == cli.EXIT_FAILED
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == ("error: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
                        " (DROPBP_TRACEBACK=1 shows the traceback)")
