@@ -53,7 +53,7 @@ def worker(case: str, out_dir: Path) -> None:
     def recording_sample(handler):
         mask = sample(handler)
         if case == "lora" and len(record["masks"]) == 1:
-            # the step's last micro-batch drops every branch: backward is skipped, gradients are averaged by hand
+            # the step's last micro-batch drops every branch: only the touched weights' zero terms reduce
             mask = torch.ones_like(mask)
             handler.set_mask(mask)
         if case == "lora_qv" and len(record["masks"]) in QV_NOTHING_TRAINABLE:
