@@ -16,8 +16,9 @@ import transformers  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
-from dropbp import DropBPHandler  # noqa: E402
+from dropbp import DropBPGate, DropBPHandler  # noqa: E402
 from dropbp.integrations import transformers as hf  # noqa: E402
+from dropbp.integrations.transformers.layout import _qualified  # noqa: E402
 
 COMMON = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -62,7 +63,7 @@ def detached_reference(model: torch.nn.Module, mask: list) -> list:
     """Hooks making the unpatched ``model`` detach the output of every branch dropped in ``mask``."""
     handles = []
     for i, layer in enumerate(hf.decoder_layers(model)):
-        layout = hf.SUPPORTED[hf._qualified(type(layer))]
+        layout = hf.SUPPORTED[_qualified(type(layer))]
         for kind, end in enumerate(BRANCH_ENDS[layout]):
             if mask[2 * i + kind]:
                 def detach(module, args, out):
@@ -232,9 +233,37 @@ def test_unsupported_layer_class_is_named(monkeypatch):
         hf.install_gates(model)
     assert type(model.model.layers[0]) is transformers.models.llama.modeling_llama.LlamaDecoderLayer  # untouched
     # declared with a layout its forward does not have: refused, with the difference shown
-    monkeypatch.setitem(hf.SUPPORTED, hf._qualified(CustomLayer), "pre_norm")
+    monkeypatch.setitem(hf.SUPPORTED, _qualified(CustomLayer), "pre_norm")
     with pytest.raises(TypeError, match="is not the 'pre_norm' layout"):
         hf.install_gates(model)
+
+
+def test_gated_model_pickles_deep_copies_and_saves(tmp_path):
+    """torch.save(model) of a gated model, loaded where the gated class does not exist yet; deepcopy; and
+    remove_gates gives back the original classes."""
+    from dropbp.integrations.transformers import layers
+
+    model = tiny_model("llama", attention_dropout=0.0)
+    hf.install_gates(model)
+    x = tokens()
+    torch.save(model, tmp_path / "model.pt")
+    layers._GATED_CLASSES.clear()  # as in a fresh process: the class is rebuilt from the layer's own class
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    for copy_ in (loaded, copy.deepcopy(model)):
+        layer = copy_.model.layers[0]
+        assert type(layer) is hf.gated_class(transformers.models.llama.modeling_llama.LlamaDecoderLayer)
+        gate = getattr(layer, hf.ATTN_GATE)
+        assert gate.branch_modules[1] is layer.self_attn  # the gate still holds this copy's branch
+        handler = DropBPHandler(copy_, rate=0.5, seed=0)
+        handler.set_mask(torch.tensor([True, False, False, True]))
+        assert torch.equal(copy_(input_ids=x).logits, model(input_ids=x).logits)
+        seeded_loss(copy_, x).backward()
+        assert layer.self_attn.q_proj.weight.grad is None and layer.mlp.up_proj.weight.grad is not None
+    hf.remove_gates(loaded)
+    assert type(loaded.model.layers[0]) is transformers.models.llama.modeling_llama.LlamaDecoderLayer
+    assert not any(isinstance(m, DropBPGate) for m in loaded.modules())
+    torch.save(loaded, tmp_path / "plain.pt")
+    assert loaded.state_dict().keys() == model.state_dict().keys()
 
 
 def test_build_gated_llama_for_benchmarks():
