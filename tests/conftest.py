@@ -1,6 +1,5 @@
 import pytest
 import torch
-from litgpt.config import Config
 
 torch.set_num_threads(2)
 
@@ -15,7 +14,11 @@ LAYOUTS = {
 }
 
 
-def tiny_config(layout: str, config_class: type = Config, **overrides) -> Config:
+def tiny_config(layout: str, config_class: type = None, **overrides):
+    """A tiny litgpt ``Config`` (or ``config_class``) of the given block layout. litgpt is imported here, not at
+    the top: the Transformers integration's tests also run in an environment without it."""
+    if config_class is None:
+        from litgpt.config import Config as config_class
     spec = dict(LAYOUTS[layout])
     name = spec.pop("name")
     return config_class.from_name(name, **{**TINY, **spec, **overrides})
