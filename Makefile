@@ -3,24 +3,43 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+HF_VENV := .venv-hf
+HF_PY := $(HF_VENV)/bin/python
 TORCH := torch==2.13.0
 
-.PHONY: install test demo clean
+.PHONY: install test test-fork test-hf demo clean
 
-$(VENV)/.installed: pyproject.toml
+# the fork's environment: every version from the lock (constraints.txt)
+$(VENV)/.installed: pyproject.toml requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)" -e ".[test,hf]"
+	$(PY) -m pip install --quiet -c constraints.txt "$(TORCH)" -r requirements.txt -e ".[hf,test]"
+	touch $@
+
+# the library alone, as a Transformers user installs it: no litgpt, and the newest transformers, peft and
+# accelerate that the package index serves (the fork's environment above holds the oldest supported ones)
+$(HF_VENV)/.installed: pyproject.toml
+	test -x $(HF_PY) || $(PYTHON) -m venv $(HF_VENV)
+	$(HF_PY) -m pip install --quiet --upgrade pip
+	$(HF_PY) -m pip install --quiet --upgrade "$(TORCH)" ".[hf,test]"
 	touch $@
 
 install: $(VENV)/.installed
 
-test: install
+test: test-fork test-hf
+
+test-fork: install
 	$(PY) -m pytest tests
+
+# the integration's tests and the plain-loop example against the installed library (run outside the checkout)
+test-hf: $(HF_VENV)/.installed
+	$(HF_PY) -m pip install --quiet --force-reinstall --no-deps .
+	$(HF_PY) -m pytest tests/test_hf.py tests/test_hf_standalone.py
+	cd /tmp && $(abspath $(HF_PY)) $(abspath examples/plain_loop.py) --steps 20
 
 # the demo's own out_dir, replaced on every run: `make demo` runs again; a run of yours elsewhere is never touched
 demo: install
 	$(PY) finetune/lora.py --dropbp.rate 0.875 --out_dir out/demo --overwrite true
 
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) $(HF_VENV) out

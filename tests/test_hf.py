@@ -268,6 +268,7 @@ def test_gated_model_pickles_deep_copies_and_saves(tmp_path):
 
 def test_build_gated_llama_for_benchmarks():
     """The benchmark's entry point: the same weights gated or not, FLOPs weights equal to litgpt's for the shape."""
+    pytest.importorskip("litgpt", reason="compares with litgpt's FLOPs: the fork's environment only")
     from litgpt import Config
 
     from dropbp.flops import branch_flops
@@ -290,36 +291,26 @@ def test_build_gated_llama_for_benchmarks():
 
 
 # ----------------------------------------------------------------------------------------------------- Trainer
-def builtin_data(n: int = 200, max_len: int = 96):
-    """The project's built-in instruction data, tokenized by its built-in tokenizer (prompt tokens masked)."""
-    from litgpt.prompts import Alpaca
-    from transformers import PreTrainedTokenizerFast
-
-    from lit_gpt.data.builtin import generate_examples, split_examples
-    from lit_gpt.tiny_model import ensure_tiny_checkpoint
-
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_file=str(ensure_tiny_checkpoint() / "tokenizer.json"), bos_token="<s>", eos_token="</s>",
-        unk_token="<unk>",
-    )
-    train, _, _ = split_examples(generate_examples(n))
-    style, samples = Alpaca(), []
-    for ex in train:
-        prompt = [tokenizer.bos_token_id] + tokenizer(style.apply(ex["instruction"], input=ex["input"]))["input_ids"]
-        answer = tokenizer(ex["output"])["input_ids"] + [tokenizer.eos_token_id]
-        ids = (prompt + answer)[:max_len]
-        samples.append({"input_ids": ids, "labels": ([-100] * len(prompt) + answer)[:max_len]})
+def synthetic_data(n: int = 160, vocab: int = 128, seed: int = 0):
+    """Instruction-like samples without a tokenizer (this file runs without litgpt): a prompt of random tokens and,
+    as the answer, the prompt's first half reversed; prompt labels -100, lengths vary, so batches are padded."""
+    g = torch.Generator().manual_seed(seed)
+    bos, eos, samples = 1, 2, []
+    for _ in range(n):
+        prompt = torch.randint(3, vocab, (int(torch.randint(6, 40, (1,), generator=g)),), generator=g).tolist()
+        answer = prompt[: len(prompt) // 2][::-1] + [eos]
+        samples.append({"input_ids": [bos] + prompt + answer, "labels": [-100] * (len(prompt) + 1) + answer})
 
     def collate(batch):
         width = max(len(s["input_ids"]) for s in batch)
         pad = lambda seq, v: seq + [v] * (width - len(seq))  # noqa: E731
         return {
-            "input_ids": torch.tensor([pad(s["input_ids"], tokenizer.eos_token_id) for s in batch]),
+            "input_ids": torch.tensor([pad(s["input_ids"], eos) for s in batch]),
             "attention_mask": torch.tensor([pad([1] * len(s["input_ids"]), 0) for s in batch]),
             "labels": torch.tensor([pad(s["labels"], -100) for s in batch]),
         }
 
-    return samples, collate, len(tokenizer)
+    return samples, collate, vocab
 
 
 class RecordingHandler(DropBPHandler):
@@ -336,7 +327,7 @@ class RecordingHandler(DropBPHandler):
 
 def lora_trainer(tmp_path, max_steps, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                  "up_proj", "down_proj"), force_all_dropped=False, **args):
-    data, collate, vocab = builtin_data()
+    data, collate, vocab = synthetic_data()
     model = tiny_model("llama", vocab_size=vocab, max_position_embeddings=128, attention_dropout=0.0,
                        num_hidden_layers=8)
     hf.install_gates(model)
@@ -355,8 +346,8 @@ def lora_trainer(tmp_path, max_steps, target_modules=("q_proj", "k_proj", "v_pro
     return trainer, handler, callback
 
 
-def test_trainer_lora_p0875_builtin_data(tmp_path):
-    """PEFT LoRA at p = 0.875 with gradient accumulation and gradient checkpointing, on the built-in data."""
+def test_trainer_lora_p0875(tmp_path):
+    """PEFT LoRA at p = 0.875 with gradient accumulation and gradient checkpointing."""
     trainer, handler, callback = lora_trainer(tmp_path, max_steps=5, gradient_checkpointing=True)
     frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
     at_forward, training_step = [], trainer.training_step
@@ -413,6 +404,7 @@ def test_trainer_resume_gives_same_masks_and_losses(tmp_path):
 
 def test_benchmark_framework_hf_rows_side_by_side_with_the_unpatched_model(capsys):
     """`scripts/benchmark.py --framework hf`: the Table 5 rows of a gated Transformers LLaMA and its unpatched twin."""
+    pytest.importorskip("litgpt", reason="the fork's benchmark: the fork's environment only")
     from scripts import benchmark
 
     rows = benchmark.main(framework="hf", methods=("full", "lora"), rates=(0.0, 0.875), n_layer=2, n_embd=64,

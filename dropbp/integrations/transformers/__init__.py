@@ -18,8 +18,12 @@ The same core as the litgpt models: a :class:`dropbp.DropBPGate` on every residu
   rate as ``drop_rate`` in the Trainer's logs, and the handler's state in every Trainer checkpoint.
 """
 
-from dropbp.integrations.transformers.callback import DropBPCallback, default_loss
-from dropbp.integrations.transformers.layers import (
+from dropbp.integrations.transformers.layout import _transformers_version, check_transformers_version
+
+check_transformers_version(_transformers_version())  # before anything below touches transformers' classes
+
+from dropbp.integrations.transformers.callback import DropBPCallback, default_loss  # noqa: E402
+from dropbp.integrations.transformers.layers import (  # noqa: E402
     ATTN_GATE,
     MLP_GATE,
     GatedDecoderLayer,
@@ -30,7 +34,14 @@ from dropbp.integrations.transformers.layers import (
     remove_gates,
     set_gate_flops,
 )
-from dropbp.integrations.transformers.layout import LAYOUTS, SUPPORTED, Layout, layout_of, register_decoder_layer
+from dropbp.integrations.transformers.layout import (  # noqa: E402
+    LAYOUTS,
+    SUPPORTED,
+    TRANSFORMERS_VERSIONS,
+    Layout,
+    layout_of,
+    register_decoder_layer,
+)
 
 __all__ = [
     "ATTN_GATE",
@@ -40,6 +51,7 @@ __all__ = [
     "Layout",
     "MLP_GATE",
     "SUPPORTED",
+    "TRANSFORMERS_VERSIONS",
     "config_dims",
     "decoder_layers",
     "default_loss",

@@ -161,14 +161,30 @@ def layout_of(cls: type) -> Layout:
         if actual != expected:
             raise TypeError(
                 f"{name}.forward in transformers {_transformers_version()} is not the {SUPPORTED[name]!r} layout that"
-                f" DropBP's gated forward re-implements (tested with transformers 5.3.0); expected:\n{expected}\n"
+                f" DropBP's gated forward re-implements (supported: transformers{TRANSFORMERS_VERSIONS}); expected:\n{expected}\n"
                 f"found:\n{actual}"
             )
         _CHECKED[(owner, layout)] = True
     return layout
 
 
+# the releases this package supports: pyproject.toml's hf extra says the same (a test checks); `make test` runs the
+# integration's tests with the oldest (constraints.txt) and with the newest release the package index serves
+TRANSFORMERS_VERSIONS = ">=5.3.0,<6"
+
+
 def _transformers_version() -> str:
     import transformers
 
     return transformers.__version__
+
+
+def check_transformers_version(version: str) -> None:
+    """``ImportError`` in one line when ``version`` is outside :data:`TRANSFORMERS_VERSIONS`."""
+    from packaging.specifiers import SpecifierSet
+
+    if version not in SpecifierSet(TRANSFORMERS_VERSIONS, prereleases=True):
+        raise ImportError(
+            f"dropbp.integrations.transformers supports transformers{TRANSFORMERS_VERSIONS}, found {version}:"
+            f" pip install 'transformers{TRANSFORMERS_VERSIONS}'"
+        )
