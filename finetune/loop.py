@@ -151,6 +151,11 @@ def report(run: Run, window: "StepWindow", bar: tqdm, lr: float, epoch: int, ste
     progress = run.progress
     metrics = window.read(run.fabric, run.accum)
     metrics.update(step=progress["step"], iter=progress["iter"], learning_rate=lr, epoch=epoch, step_time=step_time)
+    now = time.perf_counter()  # after the read: the device has finished this step, so the mean is a true wall time
+    if window.last_read is not None:  # wall time per step since the last read, validation and checkpoints included
+        then, step = window.last_read
+        metrics["mean_step_time"] = (now - then) / (progress["step"] - step)
+    window.last_read = (now, progress["step"])
     if progress["step"] % run.train.log_interval == 0:
         run.fabric.log_dict(metrics, step=progress["step"])
     bar.set_postfix(loss=f"{metrics['loss']:.3f}", fw=f"{metrics['forward_time']*1e3:.0f}ms",
@@ -195,6 +200,7 @@ class StepWindow:
     def __init__(self, device: torch.device) -> None:
         self.device, self.cuda = device, device.type == "cuda"
         self.bad_iter = torch.full((), -1, dtype=torch.int64, device=device)  # first micro-batch with a bad loss
+        self.last_read: Optional[tuple] = None  # (wall time, step) of the last read: see report's mean_step_time
         self.reset()
 
     def reset(self) -> None:

@@ -4,6 +4,9 @@
 #      qlora (NF4) and adapter, p = 0 / 0.5 / 0.75 / 0.875, PLD and every-branch-dropped, each beside plain litgpt
 #      (the gates' overhead at p = 0), lora also beside full fine-tuning at p = 0 (its FW/BW over full's, paired by
 #      round), variants in a shuffled order each round, ATen operators per step; then lora with --compile true.
+#   1b. The loop's cost beyond the model: finetune/lora.py on a random checkpoint of Table 5's shape, 16 steps on
+#      samples cut to 512 tokens, micro-batch = global batch = 2, p = 0.875: its fw+bw and wall time per sample
+#      against benchmark.py's LoRA row at 0.875 (loop_cost.txt).
 #   2. Table 3: max sequence length, full fine-tuning, AdamW, micro-batch 1, CUDA allocator capped at 80 GiB (an
 #      A100 80GB), p = 0 / 0.5 / 0.75 / 0.875 with fixed sampling and 0.875 with Bernoulli sampling; every probe in
 #      a probe process that is replaced after any out-of-memory.
@@ -14,7 +17,8 @@
 #   4. pytest -m gpu tests/test_gpu.py.
 # Steps 3 and 4 run beside step 2 (which measures memory, not time); step 1 runs alone.
 #
-# Time limits (seconds): wheels 25, imports 20, Table 5 30 + 50 + 55 + 30 + 90 (compiled), Table 3 110 + 45: 455 in a row;
+# Time limits (seconds): wheels 25, imports 20, Table 5 30 + 50 + 55 + 30 + 90 (compiled), loop cost 60 + 120,
+# Table 3 110 + 45: 635 in a row (the steps end well before their limits: about 7-8 minutes expected);
 # beside Table 3, the built-in model's check (30), then the recipes (90) and the GPU tests (120) end before its 155.
 #
 # Usage, on the GPU machine (no internet; torch and lightning in its image), wheels made as
@@ -22,8 +26,8 @@
 #   bash scripts/gpu_acceptance.sh                 # results in $OUT, else out/gpu
 #   bash scripts/gpu_acceptance.sh --dry_run       # (or DRY_RUN=1) every step on the CPU with a tiny model,
 #                                                  # 32-true, a few steps: checks the script itself
-# At most 8 files land in the results folder: acceptance.log, table5.md, table5.json, table3.md, table3.json,
-# recipes.txt, pytest_gpu.txt.
+# At most 8 files land in the results folder: acceptance.log, table5.md, table5.json, loop_cost.txt, table3.md,
+# table3.json, recipes.txt, pytest_gpu.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY_RUN=${DRY_RUN:-0}
@@ -32,7 +36,7 @@ RESULTS=${OUT:-out/gpu}
 mkdir -p "$RESULTS"
 SCRATCH=$(mktemp -d /tmp/gpu_acceptance.XXXXXX)  # recipe outputs, per-step JSON: never in the results folder
 LOG=$RESULTS/acceptance.log
-for f in acceptance.log table5.md table5.json table3.md table3.json recipes.txt pytest_gpu.txt; do
+for f in acceptance.log table5.md table5.json loop_cost.txt table3.md table3.json recipes.txt pytest_gpu.txt; do
   : > "$RESULTS/$f"  # a fresh run: nothing appended to an earlier run's files
 done
 if [[ $DRY_RUN == 1 ]]; then
@@ -89,8 +93,11 @@ assert torch.cuda.is_available() or $DRY_RUN, 'no CUDA device visible'
 " || { say "STOP: an import failed (see above)"; exit 1; }
 
 if [[ $DRY_RUN == 1 ]]; then
-  MODEL=(--n_layer 2 --n_embd 64 --n_head 4 --vocab_size 128 --device cpu --precision 32-true)
-  T5=(--seq_len 32 --micro_batch_size 2 --steps 2 --warmup 0)
+  MODEL=(--n_layer 2 --n_embd 64 --n_head 4 --vocab_size 1024 --device cpu --precision 32-true)
+  SHAPE=(--n_layer 2 --n_embd 64 --n_head 4 --vocab_size 1024 --device cpu --precision 32-true)  # MODEL's model
+  SEQ_LEN=32
+  PRECISION=32-true
+  T5=(--seq_len "$SEQ_LEN" --micro_batch_size 2 --steps 2 --warmup 0)
   T3=(--memory_budget 0.004 --max_seq_limit 2048 --granularity 32)
   T3_START_FIXED=32
   T3_START_BERNOULLI=256
@@ -101,7 +108,10 @@ if [[ $DRY_RUN == 1 ]]; then
   COMPILED_RECIPE=lora
 else
   MODEL=(--model_name Llama-2-7b-hf --device cuda --precision bf16-true)
-  T5=(--seq_len 512 --micro_batch_size 2 --steps 6 --warmup 1)
+  SHAPE=(--model_name Llama-2-7b-hf --device cuda --precision bf16-true)
+  SEQ_LEN=512
+  PRECISION=bf16-true
+  T5=(--seq_len "$SEQ_LEN" --micro_batch_size 2 --steps 6 --warmup 1)
   T3=(--gpu_memory_gib 80 --max_seq_limit 32768 --granularity 256)
   T3_START_FIXED=2048
   T3_START_BERNOULLI=8192
@@ -120,6 +130,37 @@ done
 # the headline command compiled (--compile true: our branch functions; plain litgpt's blocks), beside plain litgpt
 step "table 5 lora compiled" 90 "$RESULTS/table5.md" "${BENCH[@]}" "${T5[@]}" \
   --methods "[lora]" --compare_plain true --compile true --out "$SCRATCH/table5_lora_compiled.json"
+
+# --- 1b. what the loop costs beyond the model: finetune/lora.py at Table 5's shape (random weights, samples cut to
+# the sequence length, micro-batch = global batch, p = 0.875 uniform and fixed, as benchmark.py times it), alone
+step "loop cost: checkpoint" 60 "$LOG" "$PY" scripts/random_checkpoint.py "${SHAPE[@]}" --out_dir "$SCRATCH/shaped" \
+  --seq_len "$SEQ_LEN"
+step "loop cost: lora recipe" 120 "$LOG" "$PY" finetune/lora.py --checkpoint_dir "$SCRATCH/shaped" --data JSON \
+  --data.json_path "$SCRATCH/shaped/long_samples.json" --data.val_split_fraction 0.1 --train.max_seq_length "$SEQ_LEN" \
+  --train.global_batch_size 2 --train.micro_batch_size 2 --train.max_steps 16 --train.log_interval 4 \
+  --train.lr_warmup_steps 1 --eval.interval 1000 --eval.initial_validation false --eval.final_validation false \
+  --eval.max_new_tokens 0 --dropbp.rate 0.875 --dropbp.allocation uniform --dropbp.sampling fixed \
+  --precision "$PRECISION" --out_dir "$SCRATCH/loop_cost"
+"$PY" - "$SCRATCH" "$RESULTS/loop_cost.txt" 2>&1 <<'EOF' | tee -a "$LOG"
+import csv, json, sys
+from pathlib import Path
+scratch, out = Path(sys.argv[1]), Path(sys.argv[2])
+try:
+    row = next(r for r in json.loads((scratch / "table5_lora.json").read_text()) if r["variant"] == 0.875)
+    logged = [r for p in sorted(scratch.glob("loop_cost/logs/csv/version_*/metrics.csv")) for r in csv.DictReader(open(p))]
+    later = [r for r in logged if r.get("mean_step_time")][1:]  # from step 9: the first windows warm up
+    samples = 2  # per optimizer step: --train.global_batch_size
+    model = 1000 * sum(float(r["forward_time"]) + float(r["backward_time"]) for r in later) / len(later) / samples
+    wall = 1000 * sum(float(r["mean_step_time"]) for r in later) / len(later) / samples
+    bench = row["fw_ms"] + row["bw_ms"]
+    text = (f"loop cost, LoRA p=0.875, ms per sample: benchmark.py fw+bw {bench:.1f}; the recipe's fw+bw {model:.1f}"
+            f" ({model / bench:.2f}x), its wall time {wall:.1f} ({wall / bench:.2f}x: optimizer, data, masks"
+            f" and the loop's own work add {wall - model:.1f})")
+except (OSError, StopIteration, ZeroDivisionError, KeyError, ValueError) as error:
+    text = f"loop cost: not measured ({type(error).__name__}: {error})"
+out.write_text(text + "\n")
+print(text)
+EOF
 
 # --- 2. Table 3 (memory; the GPU's other users below stay far from the card's memory), with 3. and 4. beside it
 (

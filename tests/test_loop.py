@@ -86,3 +86,4 @@ def test_no_device_sync_or_float_read_in_the_micro_batch_loop(tmp_path, monkeypa
     rows = logged(tmp_path)
     assert sorted(rows) == [5, 10] and all(float(r["forward_time"]) > 0 and float(r["backward_time"]) > 0
                                            for r in rows.values())
+    assert not rows[5]["mean_step_time"] and float(rows[10]["mean_step_time"]) > 0  # steps 6-10, timed after a read
