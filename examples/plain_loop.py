@@ -62,9 +62,10 @@ def main(rate: float = 0.875, steps: int = 60, batch_size: int = 8, lr: float = 
     moved = sum(not torch.equal(p, lora[n]) for n, p in model.named_parameters() if p.requires_grad)
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(model, Path(tmp) / "model.pt")  # a gated model pickles like any other
-    print(f"DropBP p={rate}: loss {losses[0]:.3f} -> {sum(losses[-5:]) / 5:.3f} (last 5 steps),"
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    print(f"DropBP p={rate}: loss {first:.3f} -> {last:.3f} (mean of the first and the last 5 steps),"
           f" mean drop rate {handler.mean_rate:.3f}, LoRA tensors moved: {moved} of {len(lora)}")
-    return {"losses": losses, "moved": moved, "trainable": len(lora), "rates": handler.rates.tolist()}
+    return {"losses": losses, "moved": moved, "learned": moved > 0 and last < first}
 
 
 if __name__ == "__main__":
@@ -73,4 +74,4 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args()
     result = main(rate=args.rate, steps=args.steps)
-    sys.exit(0 if result["moved"] == result["trainable"] else 1)  # a run that learned nothing is a failure
+    sys.exit(0 if result["learned"] else 1)  # a run that learned nothing is a failure

@@ -46,14 +46,16 @@ def test_the_distribution_is_the_library_only():
 
 
 def test_plain_loop_example_trains_without_litgpt(tmp_path):
-    """The README's own-loop example, in a fresh process that must never import litgpt: every LoRA tensor moves."""
+    """The README's own-loop example, in a fresh process that must never import litgpt: it learns (exit 0: LoRA
+    weights moved and the loss fell)."""
     code = (
-        "import runpy, sys; sys.argv = ['plain_loop.py', '--steps', '12'];"
+        "import runpy, sys; sys.argv = ['plain_loop.py', '--steps', '30'];"
         f" runpy.run_path({str(ROOT / 'examples' / 'plain_loop.py')!r}, run_name='__main__')"
     )
     guard = "import sys, atexit; atexit.register(lambda: print('LITGPT_IMPORTED', 'litgpt' in sys.modules));"
     run = subprocess.run([sys.executable, "-c", guard + code], cwd=tmp_path, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "LoRA tensors moved: 48 of 48" in run.stdout
+    moved = int(run.stdout.split("LoRA tensors moved: ")[1].split(" of ")[0])
+    assert moved > 24, run.stdout  # at p = 0.875 a branch may stay dropped through 30 steps: most are kept once
     assert "LITGPT_IMPORTED False" in run.stdout
