@@ -24,7 +24,7 @@ RNG consumer, ``lora_dropout(x)``, is called once per layer on the same input as
 ``merge_lora_weights``, ``mark_only_lora_as_trainable``, litgpt's tools and dropout masks are interchangeable.
 """
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import litgpt.lora
 import torch
@@ -36,6 +36,15 @@ from torch.autograd.function import once_differentiable
 from lit_gpt.gated import GatedBlock, install_gates
 
 Spans = tuple  # ((first output column, end output column, first row of lora_B), ...) per adapted block
+
+
+class _Layout(NamedTuple):
+    """What backward needs to know of a layer's LoRA update besides tensors: kept on autograd's ctx by forward."""
+
+    scaling: float
+    spans: Spans
+    r: int  # rank: lora_A's rows
+    n_b: int  # lora_B's rows
 
 
 def _view(t: torch.Tensor, size: tuple, stride: tuple, offset: int = 0) -> torch.Tensor:
@@ -142,14 +151,15 @@ def _merged_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: f
     return merged
 
 
-def _lora_backward(g: torch.Tensor, x: Optional[torch.Tensor], B_blocks, ht_blocks, scaling: float, spans: Spans,
-                   r: int, n_b: int, need_h: bool, need_A: bool, need_B: bool) -> tuple:
+def _lora_backward(g: torch.Tensor, x: Optional[torch.Tensor], B_blocks, ht_blocks, layout: _Layout, need_h: bool,
+                   need_A: bool, need_B: bool) -> tuple:
     """dB = s g^T h and dA = dh^T x with dh = s g B, for the contiguous upstream gradient ``g``. Returns dA, dB and
     dh as an (M, N r) view (for the caller's input gradient ``dh A``), or None where not needed.
 
     dB^T = s * ht g and dh^T = s * B^T g^T have r-row outputs, the fast orientation (dh^T_i is written through its
     transposed view as g_i B_i, the same GEMM, to share the g_i view). dB is returned as the transposed view of
     dB^T: AccumulateGrad lays it out like lora_B (one small copy) or adds it into an existing .grad."""
+    scaling, spans, r, n_b = layout
     n_out = g.shape[-1]
     m = g.numel() // n_out
     n = len(spans)
@@ -190,7 +200,7 @@ class _LoRAUpdate(torch.autograd.Function):
         k = ctx.k = len(B_blocks)
         ctx.save_for_backward(x if need_A else None, A if need_x else None,
                               *(B_blocks if need_x or need_A else [None] * k), *(ht_blocks if need_B else [None] * k))
-        ctx.scaling, ctx.spans, ctx.r, ctx.n_b = scaling, spans, B.shape[1], B.shape[0]
+        ctx.layout = _Layout(scaling, spans, B.shape[1], B.shape[0])
         return y
 
     @staticmethod
@@ -201,8 +211,7 @@ class _LoRAUpdate(torch.autograd.Function):
         k = ctx.k
         if not g.is_contiguous():
             g = g.contiguous()
-        gA, gB, ght_t = _lora_backward(g, x, blocks[:k], blocks[k:], ctx.scaling, ctx.spans, ctx.r, ctx.n_b,
-                                       need_x or need_A, need_A, need_B)
+        gA, gB, ght_t = _lora_backward(g, x, blocks[:k], blocks[k:], ctx.layout, need_x or need_A, need_A, need_B)
         gx = torch.mm(ght_t, A).view(*g.shape[:-1], A.shape[1]) if need_x else None
         return g, gx, gA, gB, None, None
 
@@ -228,8 +237,7 @@ class _LoRALinear(torch.autograd.Function):
         else:
             torch.addmm(b, x2, W_forward.t(), out=y.view(m, n_out))
         need_x, need_dx, need_W, need_b, need_A, need_B = ctx.needs_input_grad[:6]
-        ctx.scaling, ctx.spans, ctx.r, ctx.n_b, ctx.shared, ctx.merged = (
-            scaling, spans, B.shape[1], B.shape[0], shared, merged)
+        ctx.layout, ctx.shared, ctx.merged = _Layout(scaling, spans, B.shape[1], B.shape[0]), shared, merged
         if merged:  # backward makes the factors from x, A and B (parameters: saving them costs no memory)
             ctx.save_for_backward(x if need_W or need_A or need_B else None, None, W if need_x else None, A, B)
             return y
@@ -248,15 +256,15 @@ class _LoRALinear(torch.autograd.Function):
         shared = ctx.shared
         if ctx.merged:
             x, dx, W, A, B = ctx.saved_tensors
-            _, B_blocks, ht_blocks = _factor_views(x, A, B, ctx.spans, with_ht=need_B)
+            _, B_blocks, ht_blocks = _factor_views(x, A, B, ctx.layout.spans, with_ht=need_B)
         else:
             x, dx, W, A, *blocks = ctx.saved_tensors
             B_blocks, ht_blocks = blocks[:len(blocks) // 2], blocks[len(blocks) // 2:]
         need_lx = need_x if shared else need_dx  # the gradient w.r.t. the LoRA branch's input
         if not g.is_contiguous():
             g = g.contiguous()
-        gA, gB, ght_t = _lora_backward(g, x if shared else dx, B_blocks, ht_blocks, ctx.scaling, ctx.spans,
-                                       ctx.r, ctx.n_b, need_lx or need_A, need_A, need_B)
+        gA, gB, ght_t = _lora_backward(g, x if shared else dx, B_blocks, ht_blocks, ctx.layout, need_lx or need_A,
+                                       need_A, need_B)
         n_out = g.shape[-1]
         m = g.numel() // n_out
         g2 = g.view(m, n_out)
