@@ -238,15 +238,17 @@ def test_unsupported_layer_class_is_named(monkeypatch):
 
 
 def test_build_gated_llama_for_benchmarks():
-    """The benchmark's entry point: the same weights gated or not, FLOPs weights equal to litgpt's for the shape."""
+    """The benchmark's Transformers model (scripts/bench_hf_model.py): the same weights gated or not, FLOPs weights
+    equal to litgpt's for the shape."""
     from litgpt import Config
 
     from dropbp.flops import branch_flops
+    from scripts.bench_hf_model import LlamaShape, build_gated_llama
 
-    dims = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=256, seq_len=32)
+    shape = LlamaShape(n_layer=2, n_embd=64, n_head=4, vocab_size=256, seq_len=32)
     for method in ("full", "lora"):
-        model, handler = hf.build_gated_llama(**dims, method=method, rate=0.5)
-        plain, none = hf.build_gated_llama(**dims, method=method, gated=False)
+        model, handler = build_gated_llama(shape, method=method, rate=0.5)
+        plain, none = build_gated_llama(shape, method=method, gated=False)
         assert none is None and len(handler.gates) == 4
         state, plain_state = model.state_dict(), plain.state_dict()
         assert state.keys() == plain_state.keys() and all(torch.equal(state[k], plain_state[k]) for k in state)
