@@ -24,7 +24,7 @@ RNG consumer, ``lora_dropout(x)``, is called once per layer on the same input as
 ``merge_lora_weights``, ``mark_only_lora_as_trainable``, litgpt's tools and dropout masks are interchangeable.
 """
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import litgpt.lora
 import torch
@@ -37,14 +37,7 @@ from lit_gpt.gated import GatedBlock, install_gates
 
 Spans = tuple  # ((first output column, end output column, first row of lora_B), ...) per adapted block
 
-
-class _Layout(NamedTuple):
-    """What backward needs to know of a layer's LoRA update besides tensors: kept on autograd's ctx by forward."""
-
-    scaling: float
-    spans: Spans
-    r: int  # rank: lora_A's rows
-    n_b: int  # lora_B's rows
+Layout = tuple  # (scaling, spans, rank r, rows of lora_B): what backward needs besides tensors, kept on ctx by forward
 
 
 def _view(t: torch.Tensor, size: tuple, stride: tuple, offset: int = 0) -> torch.Tensor:
@@ -151,7 +144,7 @@ def _merged_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: f
     return merged
 
 
-def _lora_backward(g: torch.Tensor, x: Optional[torch.Tensor], B_blocks, ht_blocks, layout: _Layout, need_h: bool,
+def _lora_backward(g: torch.Tensor, x: Optional[torch.Tensor], B_blocks, ht_blocks, layout: Layout, need_h: bool,
                    need_A: bool, need_B: bool) -> tuple:
     """dB = s g^T h and dA = dh^T x with dh = s g B, for the contiguous upstream gradient ``g``. Returns dA, dB and
     dh as an (M, N r) view (for the caller's input gradient ``dh A``), or None where not needed.
@@ -200,7 +193,7 @@ class _LoRAUpdate(torch.autograd.Function):
         k = ctx.k = len(B_blocks)
         ctx.save_for_backward(x if need_A else None, A if need_x else None,
                               *(B_blocks if need_x or need_A else [None] * k), *(ht_blocks if need_B else [None] * k))
-        ctx.layout = _Layout(scaling, spans, B.shape[1], B.shape[0])
+        ctx.layout = (scaling, spans, B.shape[1], B.shape[0])  # a plain tuple: no Python call per layer
         return y
 
     @staticmethod
@@ -237,7 +230,7 @@ class _LoRALinear(torch.autograd.Function):
         else:
             torch.addmm(b, x2, W_forward.t(), out=y.view(m, n_out))
         need_x, need_dx, need_W, need_b, need_A, need_B = ctx.needs_input_grad[:6]
-        ctx.layout, ctx.shared, ctx.merged = _Layout(scaling, spans, B.shape[1], B.shape[0]), shared, merged
+        ctx.layout, ctx.shared, ctx.merged = (scaling, spans, B.shape[1], B.shape[0]), shared, merged
         if merged:  # backward makes the factors from x, A and B (parameters: saving them costs no memory)
             ctx.save_for_backward(x if need_W or need_A or need_B else None, None, W if need_x else None, A, B)
             return y
@@ -256,7 +249,7 @@ class _LoRALinear(torch.autograd.Function):
         shared = ctx.shared
         if ctx.merged:
             x, dx, W, A, B = ctx.saved_tensors
-            _, B_blocks, ht_blocks = _factor_views(x, A, B, ctx.layout.spans, with_ht=need_B)
+            _, B_blocks, ht_blocks = _factor_views(x, A, B, ctx.layout[1], with_ht=need_B)
         else:
             x, dx, W, A, *blocks = ctx.saved_tensors
             B_blocks, ht_blocks = blocks[:len(blocks) // 2], blocks[len(blocks) // 2:]
