@@ -37,6 +37,8 @@ from lit_gpt.gated import GatedBlock, install_gates
 
 Spans = tuple  # ((first output column, end output column, first row of lora_B), ...) per adapted block
 
+Layout = tuple  # (scaling, spans, rank r, rows of lora_B): what backward needs besides tensors, kept on ctx by forward
+
 
 def _view(t: torch.Tensor, size: tuple, stride: tuple, offset: int = 0) -> torch.Tensor:
     """A strided view of the contiguous tensor ``t``: one ATen op, where slicing then transposing costs up to five."""
@@ -142,14 +144,15 @@ def _merged_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: f
     return merged
 
 
-def _lora_backward(g: torch.Tensor, x: Optional[torch.Tensor], B_blocks, ht_blocks, scaling: float, spans: Spans,
-                   r: int, n_b: int, need_h: bool, need_A: bool, need_B: bool) -> tuple:
+def _lora_backward(g: torch.Tensor, x: Optional[torch.Tensor], B_blocks, ht_blocks, layout: Layout, need_h: bool,
+                   need_A: bool, need_B: bool) -> tuple:
     """dB = s g^T h and dA = dh^T x with dh = s g B, for the contiguous upstream gradient ``g``. Returns dA, dB and
     dh as an (M, N r) view (for the caller's input gradient ``dh A``), or None where not needed.
 
     dB^T = s * ht g and dh^T = s * B^T g^T have r-row outputs, the fast orientation (dh^T_i is written through its
     transposed view as g_i B_i, the same GEMM, to share the g_i view). dB is returned as the transposed view of
     dB^T: AccumulateGrad lays it out like lora_B (one small copy) or adds it into an existing .grad."""
+    scaling, spans, r, n_b = layout
     n_out = g.shape[-1]
     m = g.numel() // n_out
     n = len(spans)
@@ -190,7 +193,7 @@ class _LoRAUpdate(torch.autograd.Function):
         k = ctx.k = len(B_blocks)
         ctx.save_for_backward(x if need_A else None, A if need_x else None,
                               *(B_blocks if need_x or need_A else [None] * k), *(ht_blocks if need_B else [None] * k))
-        ctx.scaling, ctx.spans, ctx.r, ctx.n_b = scaling, spans, B.shape[1], B.shape[0]
+        ctx.layout = (scaling, spans, B.shape[1], B.shape[0])  # a plain tuple: no Python call per layer
         return y
 
     @staticmethod
@@ -201,8 +204,7 @@ class _LoRAUpdate(torch.autograd.Function):
         k = ctx.k
         if not g.is_contiguous():
             g = g.contiguous()
-        gA, gB, ght_t = _lora_backward(g, x, blocks[:k], blocks[k:], ctx.scaling, ctx.spans, ctx.r, ctx.n_b,
-                                       need_x or need_A, need_A, need_B)
+        gA, gB, ght_t = _lora_backward(g, x, blocks[:k], blocks[k:], ctx.layout, need_x or need_A, need_A, need_B)
         gx = torch.mm(ght_t, A).view(*g.shape[:-1], A.shape[1]) if need_x else None
         return g, gx, gA, gB, None, None
 
@@ -228,8 +230,7 @@ class _LoRALinear(torch.autograd.Function):
         else:
             torch.addmm(b, x2, W_forward.t(), out=y.view(m, n_out))
         need_x, need_dx, need_W, need_b, need_A, need_B = ctx.needs_input_grad[:6]
-        ctx.scaling, ctx.spans, ctx.r, ctx.n_b, ctx.shared, ctx.merged = (
-            scaling, spans, B.shape[1], B.shape[0], shared, merged)
+        ctx.layout, ctx.shared, ctx.merged = (scaling, spans, B.shape[1], B.shape[0]), shared, merged
         if merged:  # backward makes the factors from x, A and B (parameters: saving them costs no memory)
             ctx.save_for_backward(x if need_W or need_A or need_B else None, None, W if need_x else None, A, B)
             return y
@@ -248,15 +249,15 @@ class _LoRALinear(torch.autograd.Function):
         shared = ctx.shared
         if ctx.merged:
             x, dx, W, A, B = ctx.saved_tensors
-            _, B_blocks, ht_blocks = _factor_views(x, A, B, ctx.spans, with_ht=need_B)
+            _, B_blocks, ht_blocks = _factor_views(x, A, B, ctx.layout[1], with_ht=need_B)
         else:
             x, dx, W, A, *blocks = ctx.saved_tensors
             B_blocks, ht_blocks = blocks[:len(blocks) // 2], blocks[len(blocks) // 2:]
         need_lx = need_x if shared else need_dx  # the gradient w.r.t. the LoRA branch's input
         if not g.is_contiguous():
             g = g.contiguous()
-        gA, gB, ght_t = _lora_backward(g, x if shared else dx, B_blocks, ht_blocks, ctx.scaling, ctx.spans,
-                                       ctx.r, ctx.n_b, need_lx or need_A, need_A, need_B)
+        gA, gB, ght_t = _lora_backward(g, x if shared else dx, B_blocks, ht_blocks, ctx.layout, need_lx or need_A,
+                                       need_A, need_B)
         n_out = g.shape[-1]
         m = g.numel() // n_out
         g2 = g.view(m, n_out)

@@ -1,4 +1,4 @@
-"""scripts/benchmark.py on tiny models: the tables' arithmetic, the shuffled order, and the max-sequence search
+"""scripts/benchmark.py (and its parts, scripts/bench_*.py) on tiny models: the tables' arithmetic, the shuffled order, and the max-sequence search
 (probe processes, recovery after out-of-memory), never timings."""
 
 import io
@@ -8,16 +8,21 @@ import sys
 import pytest
 import torch
 
-from scripts import benchmark
-from scripts.benchmark import (
-    GIB, ProbeRunner, ProbeWorker, Step, build, main, markdown, markdown_max_seq, round_orders, search_max_seq,
-)
+from scripts import bench_probe
+from scripts.bench_gate_profile import profile_gates
+from scripts.bench_max_seq import MaxSeqPlan, find_max_seq, search_max_seq
+from scripts.bench_model import ModelSpec, build
+from scripts.bench_probe import ProbeRunner, ProbeWorker
+from scripts.bench_step import GIB, Step, aten_ops
+from scripts.bench_tables import markdown, markdown_max_seq
+from scripts.bench_time_per_sample import round_orders
+from scripts.benchmark import main
 
 
 def test_operator_counts_keep_the_profiler_quiet(capfd):
     """kineto prints "USDT: ... profiler_start/stop" on stderr at every profiler start and stop: hundreds of lines
     around the benchmark's table. Counting operators prints nothing, and stderr works again afterwards."""
-    assert benchmark.aten_ops(lambda: torch.ones(3) + 1) >= 2
+    assert aten_ops(lambda: torch.ones(3) + 1) >= 2
     print("after", file=sys.stderr)
     err = capfd.readouterr().err
     assert "USDT" not in err and "after" in err
@@ -109,7 +114,7 @@ def test_variant_order_is_shuffled_every_round_and_seeded():
 
 
 def test_adamw_moments_exist_before_the_first_step_and_weights_are_untouched():
-    model = build("full", None, dict(n_layer=1, n_embd=32, n_head=2, vocab_size=64), 8, "cpu", torch.float32)
+    model = build(ModelSpec("full", None, dict(n_layer=1, n_embd=32, n_head=2, vocab_size=64)), 8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     step = Step(model, "cpu", optimizer_step=True)
     for p in step.trainable:
@@ -141,8 +146,8 @@ def test_max_seq_search_is_exact_although_a_process_fails_after_out_of_memory(mo
     threshold = {0.0: 1300, 0.5: 2900, 0.875: 9000}
     log = []
     monkeypatch.setattr(ProbeRunner, "start_worker", lambda self: PoisonedAfterOOM(threshold, log))
-    rows = benchmark.find_max_seq("full", [0.0, 0.5, 0.875], None, {}, 1, "cpu", "32-true", "fixed", None,
-                                  start=256, limit=16384, probe_steps=1, granularity=256)
+    rows = find_max_seq(ModelSpec("full"), MaxSeqPlan([0.0, 0.5, 0.875], micro_batch_size=1, start=256, limit=16384,
+                                                      probe_steps=1, granularity=256))
     assert [r["max_seq_len"] for r in rows] == [1280, 2816, 8960]  # exact: the largest multiple of 256 that fits
     for r in rows:
         assert r["first_failure"] == r["max_seq_len"] + 256 and not r["limit_reached"]
@@ -167,8 +172,8 @@ def test_a_probe_process_that_crashes_ends_only_its_rate(monkeypatch):
 
     log = []
     monkeypatch.setattr(ProbeRunner, "start_worker", lambda self: CrashesAtHalf({0.0: 1300, 0.875: 5000}, log))
-    rows = benchmark.find_max_seq("full", [0.0, 0.5, 0.875], None, {}, 1, "cpu", "32-true", "fixed", None,
-                                  start=256, limit=16384, probe_steps=1, granularity=256)
+    rows = find_max_seq(ModelSpec("full"), MaxSeqPlan([0.0, 0.5, 0.875], micro_batch_size=1, start=256, limit=16384,
+                                                      probe_steps=1, granularity=256))
     assert [r["max_seq_len"] for r in rows] == [1280, None, 4864] and "status -11" in rows[1]["error"]
     assert "failed" in markdown_max_seq(rows)
 
@@ -203,10 +208,10 @@ def test_probe_worker_stops_answering_after_out_of_memory(monkeypatch, capsys):
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
             return {"fits": True, "oom": False, "peak_bytes": seq_len}
 
-    monkeypatch.setattr(benchmark, "ProbeState", FakeState)
+    monkeypatch.setattr(bench_probe, "ProbeState", FakeState)
     requests = "".join(json.dumps({"rate": 0.0, "seq_len": n}) + "\n" for n in (64, 128, 32))
     monkeypatch.setattr(sys, "stdin", io.StringIO(requests))
-    benchmark.probe_worker({"device": "cpu"})
+    bench_probe.probe_worker({"device": "cpu"})
     answers = [json.loads(line.split(" ", 1)[1]) for line in capsys.readouterr().out.splitlines()]
     assert [(a["fits"], a["oom"]) for a in answers] == [(True, False), (False, True)]  # no answer after the OOM
 
@@ -239,7 +244,7 @@ def test_max_seq_search_in_a_probe_process_under_a_memory_budget(one_thread):
 def test_gated_block_at_p0_dispatches_exactly_litgpt_ops_with_little_python():
     """The p = 0 fast path: litgpt's own Block.forward, so the same ATen ops, and three Python calls more per block
     (GatedBlock.forward and one check per gate) instead of the gates, closures and additions."""
-    r = benchmark.profile_gates("full", dict(n_layer=1, n_embd=32, n_head=2, vocab_size=64), seq_len=8,
-                                micro_batch_size=1, rounds=1, calls=2)
+    r = profile_gates("full", dict(n_layer=1, n_embd=32, n_head=2, vocab_size=64), seq_len=8, micro_batch_size=1,
+                      rounds=1, calls=2)
     assert r["same_aten_ops"] and r["aten_ops"] > 0
     assert r["python_calls_gated"] - r["python_calls_plain"] <= 3

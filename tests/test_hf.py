@@ -267,16 +267,18 @@ def test_gated_model_pickles_deep_copies_and_saves(tmp_path):
 
 
 def test_build_gated_llama_for_benchmarks():
-    """The benchmark's entry point: the same weights gated or not, FLOPs weights equal to litgpt's for the shape."""
+    """The benchmark's Transformers model (scripts/bench_hf_model.py): the same weights gated or not, FLOPs weights
+    equal to litgpt's for the shape."""
     pytest.importorskip("litgpt", reason="compares with litgpt's FLOPs: the fork's environment only")
     from litgpt import Config
 
     from dropbp.flops import branch_flops
+    from scripts.bench_hf_model import LlamaShape, build_gated_llama
 
-    dims = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=256, seq_len=32)
+    shape = LlamaShape(n_layer=2, n_embd=64, n_head=4, vocab_size=256, seq_len=32)
     for method in ("full", "lora"):
-        model, handler = hf.build_gated_llama(**dims, method=method, rate=0.5)
-        plain, none = hf.build_gated_llama(**dims, method=method, gated=False)
+        model, handler = build_gated_llama(shape, method=method, rate=0.5)
+        plain, none = build_gated_llama(shape, method=method, gated=False)
         assert none is None and len(handler.gates) == 4
         state, plain_state = model.state_dict(), plain.state_dict()
         assert state.keys() == plain_state.keys() and all(torch.equal(state[k], plain_state[k]) for k in state)
