@@ -114,11 +114,13 @@ def lora_weights(model) -> dict:
 def train(run: str, out_dir: Path, per_device_batch: int) -> dict:
     """Train ``run`` and return what a rank saw (its masks, losses, the weights before and after)."""
     trainer, handler, callback = build(run, out_dir, per_device_batch)
-    batches, training_step = [], trainer.training_step
+    batches, touched, training_step = [], [], trainer.training_step
 
     def recording_step(model, inputs, *args, **kwargs):
         batches.append(inputs["input_ids"].tolist())
-        return training_step(model, inputs, *args, **kwargs)
+        loss = training_step(model, inputs, *args, **kwargs)
+        touched.append(handler.gates[0].touch)  # as the callback's pre-hook set it for this forward and backward
+        return loss
 
     trainer.training_step = recording_step
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
@@ -129,6 +131,7 @@ def train(run: str, out_dir: Path, per_device_batch: int) -> dict:
         "allocated": handler.allocated,
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
         "batches": batches,
+        "touched": touched,
         "world_size": trainer.args.world_size,
         "before": before,
         "after": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
@@ -180,6 +183,7 @@ def test_two_ranks_train_and_agree(two_ranks):
     assert r0["allocated"] and r0["rates"] == r1["rates"] and len(set(r0["rates"])) > 1  # the pass re-allocated
     assert all(m for m in r0["masks"][3]) and not all(all(m) for m in r0["masks"])  # one all-dropped, not all
     assert r0["batches"] != r1["batches"]  # each rank its own shard
+    assert r0["touched"] == [False, True] * STEPS  # only where DDP reduces: the step's last micro-batch
     lora = [n for n in r0["after"] if "lora_" in n]
     assert lora and set(moved(r0)) <= set(lora) and any("lora_B" in n for n in moved(r0))
     for n in r0["after"]:
@@ -207,7 +211,7 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(two_ranks, tmp_p
     weight given a zero gradient instead of None moves by lr * weight_decay * |w| ~ 1e-2 |w| under SGD."""
     one = train("main", tmp_path, per_device_batch=4)
     r0, r1 = two_ranks["main"]
-    assert one["world_size"] == 1 and one["masks"] == r0["masks"] and one["rates"] == pytest.approx(r0["rates"])
+    assert one["world_size"] == 1 and not any(one["touched"]) and one["masks"] == r0["masks"] and one["rates"] == pytest.approx(r0["rates"])
     for mine, a, b in zip(one["batches"], r0["batches"], r1["batches"]):
         assert mine == a + b  # micro-batch i of one process = rank 0's + rank 1's micro-batch i
     assert one["losses"] == pytest.approx(r0["losses"], rel=1e-5, abs=1e-5)
