@@ -98,8 +98,8 @@ def build(run: str, out_dir: Path, per_device_batch: int):
         extra = {"learning_rate": 1e-2, "weight_decay": 0.1}
     args = TrainingArguments(
         output_dir=str(out_dir / run), max_steps=STEPS if run == "main" else 2,
-        per_device_train_batch_size=per_device_batch, gradient_accumulation_steps=ACCUM, gradient_checkpointing=True, train_sampling_strategy="sequential",
-        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=SEED, disable_tqdm=True,
+        per_device_train_batch_size=per_device_batch, gradient_accumulation_steps=ACCUM, gradient_checkpointing=True,
+        train_sampling_strategy="sequential", logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=SEED, disable_tqdm=True,
         dataloader_num_workers=0, **extra,
     )
     trainer = Trainer(model=model, args=args, train_dataset=synthetic_data(), data_collator=collate,
