@@ -99,8 +99,8 @@ def build(run: str, out_dir: Path, per_device_batch: int):
     args = TrainingArguments(
         output_dir=str(out_dir / run), max_steps=STEPS if run == "main" else 2,
         per_device_train_batch_size=per_device_batch, gradient_accumulation_steps=ACCUM, gradient_checkpointing=True,
-        train_sampling_strategy="sequential", logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=SEED, disable_tqdm=True,
-        dataloader_num_workers=0, **extra,
+        train_sampling_strategy="sequential", logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+        seed=SEED, disable_tqdm=True, dataloader_num_workers=0, **extra,
     )
     trainer = Trainer(model=model, args=args, train_dataset=synthetic_data(), data_collator=collate,
                       callbacks=[callback])
