@@ -10,6 +10,7 @@ runs two trainings in the same two processes, and each rank writes what it saw t
   move), the sensitivity pass after step 1, and one forced all-dropped micro-batch (the step's reducing one).
 - ``nothing``: LoRA on one layer's q_proj only, every branch dropped in every micro-batch (nothing trainable is ever
   kept), AdamW with weight decay, and the Trainer's own DDP choice for a PEFT model (``find_unused_parameters=True``).
+- then a handler seeded differently on each rank, which the callback must refuse before the first step.
 
 The test then trains ``main`` on one process in the test's own process, with the same global batch (per-device
 batch 4 instead of 2 x 2 ranks), the same seed and therefore the same masks, and compares losses and final weights.
@@ -146,6 +147,16 @@ def worker(out_dir: Path) -> None:
         weights = {k: record.pop(k) for k in ("before", "after")}
         (out_dir / f"{run}.rank{rank}.json").write_text(json.dumps(record))
         torch.save(weights, out_dir / f"{run}.rank{rank}.pt")
+    # a handler seeded per rank would draw different masks on each: refused before the first step, on both ranks
+    trainer, _, _ = build("nothing", out_dir, per_device_batch=2)
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, hf.DropBPCallback))
+    callback.handler = RecordingHandler(trainer.model, rate=RATE, seed=3 + rank)
+    try:
+        trainer.train()
+        refused = ""
+    except ValueError as e:
+        refused = str(e)
+    (out_dir / f"seeds.rank{rank}.txt").write_text(refused)
 
 
 # ---------------------------------------------------------------------------------------------------- tests
@@ -159,7 +170,7 @@ def two_ranks(tmp_path_factory):
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     print(f"torchrun: {time.perf_counter() - t0:.1f}s")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    records = {}
+    records = {"seeds": [(out / f"seeds.rank{rank}.txt").read_text() for rank in range(2)]}
     for run in ("main", "nothing"):
         records[run] = []
         for rank in range(2):
@@ -198,6 +209,10 @@ def test_nothing_trainable_kept_on_two_ranks(two_ranks):
         assert len(record["masks"]) == 2 * ACCUM and all(all(m) for m in record["masks"])
         assert len(record["losses"]) == 2 and all(torch.isfinite(torch.tensor(record["losses"])))
         assert moved(record) == []
+
+
+def test_handlers_seeded_per_rank_are_refused(two_ranks):
+    assert all("differ across ranks" in refused for refused in two_ranks["seeds"])
 
 
 def test_two_ranks_equal_one_process_with_the_same_global_batch(two_ranks, tmp_path, one_thread):
