@@ -111,6 +111,7 @@ class DropBPCallback(TrainerCallback):
     of the step (:func:`dropbp.handler.clear_dropped_gradients`), so the optimizer leaves them and their state alone,
     as on one process. The Trainer calls it after gradient clipping: those gradients are exact zeros on every rank
     then, which add nothing to the clipped norm and stay zero when scaled, so norm and update equal one process's.
+    Tested with DDP (``find_unused_parameters`` False and True) on CPU; FSDP and DeepSpeed under the Trainer are not.
 
     Args:
         handler: the :class:`dropbp.DropBPHandler` over the gated model (its rates are the target until the
@@ -339,8 +340,9 @@ class DropBPCallback(TrainerCallback):
 
     # ------------------------------------------------------------------------------------------- allocation
     def allocate(self, args=None, state=None) -> list:
-        """The sensitivity pass on the probe batch, then the re-allocation of the rates (also callable by hand).
-        Accumulated gradients, RNG states, train/eval modes and the optimizer are untouched."""
+        """The sensitivity pass on the probe batch, then the re-allocation of the rates (also callable by hand; on
+        several processes by every rank: rank 0's rates are broadcast). Accumulated gradients, RNG states, train/eval
+        modes and the optimizer are untouched."""
         model = self._model
         if model is None or self.probe_batch is None:
             raise RuntimeError("allocate() runs during training (after on_train_begin), with a probe batch")
