@@ -133,6 +133,11 @@ class DropBPHandler:
         self.set_mask(torch.zeros(len(self.gates), dtype=torch.bool))
 
     @property
+    def kept(self) -> torch.Tensor:
+        """The branches this micro-batch back-propagates through (neither dropped nor skipped), one bool per gate."""
+        return torch.tensor([not (g.dropped or g.skipped) for g in self.gates], dtype=torch.bool)
+
+    @property
     def all_dropped(self) -> bool:
         """True when no gate needs backward. Skip backward only if nothing outside the blocks is trainable."""
         return bool(self.mask.all())
@@ -171,4 +176,23 @@ def gate_of_parameters(handler: DropBPHandler) -> dict:
     return {pid: next(iter(gates)) for pid, gates in owners.items() if len(gates) == 1}
 
 
-__all__ = ["DropBPGate", "DropBPHandler", "SAMPLING_MODES", "check_rate", "gate_of_parameters"]
+def clear_dropped_gradients(handler: DropBPHandler, kept: torch.Tensor) -> None:
+    """Set back to None the gradients of the weights whose branches were dropped in every micro-batch of a step.
+
+    ``kept`` is the OR of the step's ``handler.kept`` masks. On several ranks the step's reducing backward touches the
+    dropped branches' trainable weights (``handler.touch_dropped``), so those weights hold a reduced zero gradient
+    (FSDP also gives zeros to the rest of a unit); on one device they hold None. Call this after the reduction and
+    before the optimizer step, so the optimizer leaves them (weight decay, momentum, Adam state) alone, as on one
+    device. Weights shared with a kept branch keep their gradient."""
+    kept = kept.tolist()
+    live = {id(p) for gate, k in zip(handler.gates, kept) if k for p in gate.branch_parameters()}
+    for gate, k in zip(handler.gates, kept):
+        if not k:
+            for p in gate.branch_parameters():
+                if id(p) not in live:
+                    p.grad = None
+
+
+__all__ = [
+    "DropBPGate", "DropBPHandler", "SAMPLING_MODES", "check_rate", "clear_dropped_gradients", "gate_of_parameters",
+]

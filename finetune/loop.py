@@ -23,6 +23,7 @@ from litgpt.utils import CycleIterator, chunked_cross_entropy
 from tqdm import tqdm
 
 from dropbp import DropBPHandler, PLDHandler
+from dropbp.handler import clear_dropped_gradients
 from dropbp.lr import compensate_lr, set_lr
 from finetune.args import DropBPArgs
 from finetune.checkpoint import save_on_interrupt, save_training_state, set_rng_state, training_state
@@ -115,7 +116,7 @@ def micro_batch(run: Run, batch: dict, window: "StepWindow", kept: torch.Tensor)
         pld_handler.sample(progress["step"])
     if run.dropbp.rate > 0 or pld_handler is None:
         handler.sample()
-    kept |= torch.tensor([not (g.dropped or g.skipped) for g in handler.gates])
+    kept |= handler.kept
     handler.touch_dropped(fabric.world_size > 1 and not is_accumulating)
 
     window.mark()
@@ -243,18 +244,6 @@ class StepWindow:
             where = "here" if int(mine.item()) == first else "on another rank"
             raise UsageError(f"non-finite loss in step {(first - 1) // accum + 1} (micro-batch {first}, {where}):"
                              " stopping; the checkpoints saved so far are intact")
-
-
-def clear_dropped_gradients(handler, kept: torch.Tensor) -> None:
-    """On several ranks every trainable weight takes part in the step's reducing backward, those of branches dropped
-    in every micro-batch of the step with a zero gradient (FSDP also gives zeros to the rest of a unit). Set those to
-    None, as on one device, so the optimizer leaves them (weight decay, momentum, Adam state) alone."""
-    live = {id(p) for gate, k in zip(handler.gates, kept.tolist()) if k for p in gate.branch_parameters()}
-    for gate, k in zip(handler.gates, kept.tolist()):
-        if not k:
-            for p in gate.branch_parameters():
-                if id(p) not in live:
-                    p.grad = None
 
 
 def micro_batch_loss(model, batch) -> torch.Tensor:

@@ -15,7 +15,9 @@ The same core as the litgpt models: a :class:`dropbp.DropBPGate` on every residu
   release that changes a layer's forward gets a clear error instead of a silently different model.
 - :class:`DropBPCallback` (``callback.py``, a ``TrainerCallback``): a fresh mask before every micro-batch, the
   sensitivity pass and re-allocation at ``sensitivity_at`` of the run on a fixed probe batch, the realised drop
-  rate as ``drop_rate`` in the Trainer's logs, and the handler's state in every Trainer checkpoint.
+  rate as ``drop_rate`` in the Trainer's logs, and the handler's state in every Trainer checkpoint. On several
+  processes (DDP) the ranks draw the same masks, dropped branches touch their weights in the micro-batch whose backward
+  DDP reduces, and weights dropped in a whole step get no gradient, as on one process.
 """
 
 from dropbp.integrations.transformers.layout import _transformers_version, check_transformers_version

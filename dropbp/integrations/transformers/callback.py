@@ -2,6 +2,7 @@
 keeps the handler's state in the Trainer's checkpoints."""
 
 import base64
+import hashlib
 import json
 import logging
 import os
@@ -11,10 +12,11 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from transformers import TrainerCallback
 
 from dropbp.allocation import allocate_rates
-from dropbp.handler import DropBPHandler, check_rate
+from dropbp.handler import DropBPHandler, check_rate, clear_dropped_gradients
 from dropbp.integrations.transformers.layers import set_gate_flops
 from dropbp.sensitivity import METRICS, compute_sensitivity
 
@@ -35,6 +37,39 @@ def decode_state(state: dict) -> dict:
     raw = bytearray(base64.b64decode(state["generator"]))
     out["generator"] = torch.frombuffer(raw, dtype=torch.uint8).clone()
     return out
+
+
+# ------------------------------------------------------------------------------------------- several processes
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and (
+        torch.distributed.get_world_size() > 1
+    )
+
+
+def _backward_reduces() -> bool:
+    """Whether the backward of the forward now running may reduce gradients over the ranks. False only when that
+    forward is DDP's and DDP will not reduce (inside ``no_sync``: the Trainer's accumulating micro-batches); True
+    otherwise (DDP reducing, or a wrapper this cannot see into), so that touching is never missing where it is
+    needed. DDP records the module whose forward is running (``_get_active_ddp_module``, kept for TorchDynamo)."""
+    active = getattr(DistributedDataParallel, "_get_active_ddp_module", None)
+    ddp = active() if active is not None else None
+    return ddp is None or bool(getattr(ddp, "require_backward_grad_sync", True))
+
+
+def _handler_digest(handler: DropBPHandler) -> str:
+    """What decides the next masks: the rates, the sampling mode and the generator's state."""
+    h = hashlib.sha256(json.dumps([handler.rates.tolist(), handler.sampling, handler.mask.tolist()]).encode())
+    h.update(handler.generator.get_state().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _from_rank0(value):
+    """Rank 0's ``value`` on every rank (a picklable object); ``value`` itself on one process."""
+    if not _distributed():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 # ------------------------------------------------------------------------------------------------- Trainer
@@ -64,6 +99,20 @@ class DropBPCallback(TrainerCallback):
     (or to the logits, when the Trainer computes the loss itself), so ``backward`` runs through that addition
     only: no parameter gets a gradient and the optimizer leaves them all alone that micro-batch.
 
+    Several processes (``torchrun``/``accelerate launch``, DDP). Every rank draws the same masks: the handler's
+    generator is its own and seeded (``on_train_begin`` checks that the ranks' handlers agree, and the sensitivity
+    pass's rates are rank 0's on every rank). DDP reduces gradients once per optimizer step, in the backward of the
+    step's last micro-batch, and expects every trainable parameter it holds to take part in that backward (with
+    ``find_unused_parameters=False``, what the Trainer builds with gradient checkpointing, a parameter that does not
+    breaks the reduction). So in a micro-batch whose backward reduces, dropped branches touch their trainable weights
+    (``handler.touch_dropped``: a zero term, the forward's value unchanged): a forward pre-hook on the model asks DDP
+    whether this forward's backward reduces, and touches only then (always, under a wrapper other than DDP). After the
+    reduction, ``on_pre_optimizer_step`` sets back to None the gradients of the weights dropped in every micro-batch
+    of the step (:func:`dropbp.handler.clear_dropped_gradients`), so the optimizer leaves them and their state alone,
+    as on one process. The Trainer calls it after gradient clipping: those gradients are exact zeros on every rank
+    then, which add nothing to the clipped norm and stay zero when scaled, so norm and update equal one process's.
+    Tested with DDP (``find_unused_parameters`` False and True) on CPU; FSDP and DeepSpeed under the Trainer are not.
+
     Args:
         handler: the :class:`dropbp.DropBPHandler` over the gated model (its rates are the target until the
             sensitivity pass).
@@ -84,7 +133,7 @@ class DropBPCallback(TrainerCallback):
     The handler's state (rates, generator, mask) is written into each checkpoint's ``trainer_state.json`` (under
     ``stateful_callbacks["dropbp"]``) and restored from it by ``trainer.train(resume_from_checkpoint=...)``, so a
     resumed run draws the same masks as an uninterrupted one. The allocation is also written to
-    ``<output_dir>/dropbp_allocation.json``. Single process only is tested (masks are seeded, so ranks would agree).
+    ``<output_dir>/dropbp_allocation.json``.
     """
 
     def __init__(
@@ -122,7 +171,9 @@ class DropBPCallback(TrainerCallback):
         self.seq_len = seq_len
         self.report: Optional[dict] = None  # the allocation: per-branch sensitivity and rate
         self._model: Optional[nn.Module] = None
-        self._hook = None
+        self._hooks: list = []
+        self._touching = False  # several processes: dropped branches touch their weights where the backward reduces
+        self._kept = torch.zeros(len(handler.gates), dtype=torch.bool)  # branches kept in this optimizer step
         self._allocate_at: Optional[int] = None
         self._window = [0.0, 0]  # sum of realised drop rates, micro-batches since the last log
 
@@ -143,8 +194,14 @@ class DropBPCallback(TrainerCallback):
     def sample(self) -> None:
         """Draw the next micro-batch's mask (the callback calls it; a custom loop may too)."""
         self.handler.sample()
+        self._kept |= self.handler.kept
         self._window[0] += self.handler.realised_rate
         self._window[1] += 1
+
+    def _touch(self, module: nn.Module, args: tuple) -> None:
+        """Forward pre-hook (several processes): dropped branches touch their weights iff this backward reduces."""
+        if self._touching:
+            self.handler.touch_dropped(module.training and torch.is_grad_enabled() and _backward_reduces())
 
     def _anchor(self, module: nn.Module, args: tuple, output: Any) -> Any:
         """Forward hook: give a graph-less loss (nothing trainable kept) a zero that requires grad."""
@@ -219,18 +276,26 @@ class DropBPCallback(TrainerCallback):
         if self.needs_allocation and self.probe_batch is None:
             device = next(model.parameters()).device
             self.probe_batch = self._probe(args, train_dataloader, device)  # fail early, not at 10% of the run
-        if getattr(args, "world_size", 1) > 1:
-            warnings.warn("DropBPCallback is tested on a single process; multi-process training is untested")
-        if self._hook is None:
-            self._hook = model.register_forward_hook(self._anchor)
+        self._touching = getattr(args, "world_size", 1) > 1
+        if self._touching:
+            self._check_ranks_agree()
+        if not self._hooks:
+            self._hooks = [model.register_forward_pre_hook(self._touch), model.register_forward_hook(self._anchor)]
         self._window = [0.0, 0]
+        self._kept.zero_()
         self._record(state)
 
     def on_step_begin(self, args, state, control, **kwargs):
+        self._kept.zero_()
         self.sample()  # the first micro-batch of the step
 
     def on_substep_end(self, args, state, control, **kwargs):
         self.sample()  # every further micro-batch of the step (gradient accumulation)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        # after the step's reduction (and after clipping: see the class docstring), before optimizer.step()
+        if self._touching:
+            clear_dropped_gradients(self.handler, self._kept)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.needs_allocation and self._allocate_at is not None and state.global_step >= self._allocate_at:
@@ -248,15 +313,36 @@ class DropBPCallback(TrainerCallback):
         self._window = [0.0, 0]
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self._touching = False
+        self.handler.touch_dropped(False)
         self.handler.keep_all()  # inference after training takes every layer's own forward
+
+    def _check_ranks_agree(self) -> None:
+        """Several processes: the ranks' handlers must draw the same masks (same seed, rates and generator state)."""
+        if not hasattr(TrainerCallback, "on_pre_optimizer_step"):
+            raise RuntimeError(
+                "DropBPCallback on several processes needs the Trainer's on_pre_optimizer_step event (a newer"
+                " transformers release): without it, weights dropped in a whole step would be updated with zero"
+                " gradients"
+            )
+        if not _distributed():
+            return
+        digests = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(digests, _handler_digest(self.handler))
+        if len(set(digests)) > 1:
+            raise ValueError(
+                "the DropBP handlers differ across ranks, so their drop masks would too: build the handler with the"
+                " same seed and rates on every rank"
+            )
 
     # ------------------------------------------------------------------------------------------- allocation
     def allocate(self, args=None, state=None) -> list:
-        """The sensitivity pass on the probe batch, then the re-allocation of the rates (also callable by hand).
-        Accumulated gradients, RNG states, train/eval modes and the optimizer are untouched."""
+        """The sensitivity pass on the probe batch, then the re-allocation of the rates (also callable by hand; on
+        several processes by every rank: rank 0's rates are broadcast). Accumulated gradients, RNG states, train/eval
+        modes and the optimizer are untouched."""
         model = self._model
         if model is None or self.probe_batch is None:
             raise RuntimeError("allocate() runs during training (after on_train_begin), with a probe batch")
@@ -266,9 +352,14 @@ class DropBPCallback(TrainerCallback):
         if metric == "auto":
             total = sum(p.numel() for p in model.parameters())
             metric = "gradnorm" if sum(p.numel() for p in trainable) > total / 2 else "grad"
-        sensitivity = compute_sensitivity(
-            self.handler, model, lambda: self.loss_fn(model, self.probe_batch), metric=metric
-        )
+        touching, self._touching = self._touching, False  # the probes run on the unwrapped model: nothing reduces
+        self.handler.touch_dropped(False)
+        try:
+            sensitivity = compute_sensitivity(
+                self.handler, model, lambda: self.loss_fn(model, self.probe_batch), metric=metric
+            )
+        finally:
+            self._touching = touching
         if not torch.isfinite(sensitivity).all():
             raise RuntimeError("non-finite sensitivity in the DropBP probe pass (the probe loss or gradients diverged)")
         input_ids = self.probe_batch.get("input_ids")
@@ -279,6 +370,9 @@ class DropBPCallback(TrainerCallback):
             sensitivity.tolist(), self.handler.flops.tolist(), self.target_rate, self.step, self.max_rate,
             self.min_rate,
         )
+        # every rank probed the same batch; rank 0's rates on every rank keep the masks equal even where the
+        # sensitivities differ in the last bits (nondeterministic GPU kernels)
+        rates = _from_rank0(rates)
         self.handler.set_rates(rates)
         self.handler.allocated = True
         seconds = time.perf_counter() - t0
