@@ -34,7 +34,7 @@ test-fork: install
 # the integration's tests and the plain-loop example against the installed library (run outside the checkout)
 test-hf: $(HF_VENV)/.installed
 	$(HF_PY) -m pip install --quiet --force-reinstall --no-deps .
-	$(HF_PY) -m pytest tests/test_hf.py tests/test_hf_standalone.py
+	$(HF_PY) -m pytest $(wildcard tests/test_hf*.py)
 	cd /tmp && $(abspath $(HF_PY)) $(abspath examples/plain_loop.py) --steps 20
 
 # the demo's own out_dir, replaced on every run: `make demo` runs again; a run of yours elsewhere is never touched
