@@ -154,6 +154,36 @@ def test_whole_model_graph_count_does_not_grow_with_depth():
     assert counts[0] == counts[1], counts
 
 
+def test_compile_branches_with_peft_lora():
+    """PEFT LoRA (frozen base): a branch's input requires grad or not (not before the first kept branch with LoRA
+    weights), which doubles the bound; the LoRA gradients equal the eager gated model's."""
+    peft = pytest.importorskip("peft")
+    eager = tiny_llama(4)
+    torch.manual_seed(1)
+    eager = peft.get_peft_model(eager, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                       target_modules=["q_proj", "v_proj", "down_proj"])).train()
+    with torch.no_grad():
+        for name, p in eager.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # lora_B starts at zero: give the update a value
+    model = hf.compile_branches(copy.deepcopy(eager))
+    handler, eager_handler = DropBPHandler(model, rate=0.5, seed=0), DropBPHandler(eager, rate=0.5, seed=0)
+    losses, grads, masks = train_steps(model, handler, steps=8, seed=0)
+    warm = graphs()
+    more_losses, more_grads, more_masks = train_steps(model, handler, steps=8, seed=1)
+    eager_losses, eager_grads, _ = train_steps(eager, eager_handler, steps=8, seed=0)
+    assert len(set(masks + more_masks)) >= 10
+    torch.testing.assert_close(torch.stack(losses), torch.stack(eager_losses), rtol=1e-5, atol=1e-6)
+    for step, (got, want) in enumerate(zip(grads, eager_grads)):
+        for name in want:
+            assert (got[name] is None) == (want[name] is None), (step, name)
+            if want[name] is not None:
+                torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert any(g[n] is None for g in grads for n in g if "lora_A" in n)  # dropped branches' LoRA: no gradient
+    # per branch function: grad mode x whether its input requires grad, shared by the 4 layers
+    assert 0 < warm == graphs() <= 2 * 2 * 2, (warm, graphs())
+
+
 def test_compile_with_kv_cache_runs_the_layers_eager():
     """A KV cache (generation; training with use_cache=True): the gated layers run eager under torch.compile of the
     whole model (a cache's per-layer state would otherwise compile a graph per layer), with exact outputs."""
