@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from dropbp.compile import BRANCH_DYNAMO_CONFIG, compile_branch_functions  # noqa: F401 (BRANCH_DYNAMO_CONFIG: re-exported)
+from dropbp.compile import compile_branch_functions
 from dropbp.flops import attention_flops, mlp_flops
 from dropbp.gate import DropBPGate, add_branch
 
@@ -91,8 +91,8 @@ def compile_branches(model: nn.Module, **compile_options) -> nn.Module:
     static index would compile a graph per block; dynamic, the adapter's attention branch needs those graphs for two
     kinds of block (with and without the prompt), plus one for evaluation with the prompt cached. Dynamo's
     recompile limit is raised to 16, so that no branch falls back to eager. Both settings hold only while a compiled
-    branch runs (:data:`BRANCH_DYNAMO_CONFIG`): the rest of the process, a user's own compiled modules included,
-    keeps Dynamo's. Embedding, head and loss stay eager; generation with a KV cache runs the eager branches."""
+    branch runs (:data:`dropbp.compile.BRANCH_DYNAMO_CONFIG`, shared with the Transformers integration): the rest
+    of the process, a user's own compiled modules included, keeps Dynamo's. Embedding, head and loss stay eager; generation with a KV cache runs the eager branches."""
     branches = compile_branch_functions((attention_branch, mlp_branch), **compile_options)
     blocks = [m for m in model.modules() if isinstance(m, GatedBlock)]
     if not blocks:
