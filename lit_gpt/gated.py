@@ -92,7 +92,8 @@ def compile_branches(model: nn.Module, **compile_options) -> nn.Module:
     kinds of block (with and without the prompt), plus one for evaluation with the prompt cached. Dynamo's
     recompile limit is raised to 16, so that no branch falls back to eager. Both settings hold only while a compiled
     branch runs (:data:`dropbp.compile.BRANCH_DYNAMO_CONFIG`, shared with the Transformers integration): the rest
-    of the process, a user's own compiled modules included, keeps Dynamo's. Embedding, head and loss stay eager; generation with a KV cache runs the eager branches."""
+    of the process, a user's own compiled modules included, keeps Dynamo's. Embedding, head and loss stay eager;
+    generation with a KV cache runs the eager branches."""
     branches = compile_branch_functions((attention_branch, mlp_branch), **compile_options)
     blocks = [m for m in model.modules() if isinstance(m, GatedBlock)]
     if not blocks:
