@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from dropbp.compile import compile_branch_functions
 from dropbp.flops import attention_flops, mlp_flops
 from dropbp.gate import DropBPGate, add_branch
 
@@ -80,9 +81,6 @@ def compile_unsupported(quantized_on_cpu: bool) -> Optional[str]:
     return None
 
 
-BRANCH_DYNAMO_CONFIG = dict(recompile_limit=16, allow_unspec_int_on_nn_module=True)  # see compile_branches
-
-
 def compile_branches(model: nn.Module, **compile_options) -> nn.Module:
     """``torch.compile`` the attention and MLP branch functions that every gated block of ``model`` calls through
     its gates. The gate decides outside the compiled code (a dropped branch is called under ``no_grad``), so a
@@ -93,11 +91,10 @@ def compile_branches(model: nn.Module, **compile_options) -> nn.Module:
     static index would compile a graph per block; dynamic, the adapter's attention branch needs those graphs for two
     kinds of block (with and without the prompt), plus one for evaluation with the prompt cached. Dynamo's
     recompile limit is raised to 16, so that no branch falls back to eager. Both settings hold only while a compiled
-    branch runs (:data:`BRANCH_DYNAMO_CONFIG`): the rest of the process, a user's own compiled modules included,
-    keeps Dynamo's. Embedding, head and loss stay eager; generation with a KV cache runs the eager branches."""
-    compile_options = {"dynamic": True, **compile_options}
-    with_settings = torch._dynamo.config.patch(**BRANCH_DYNAMO_CONFIG)  # re-entrant: a stack of saved values
-    branches = tuple(with_settings(torch.compile(f, **compile_options)) for f in (attention_branch, mlp_branch))
+    branch runs (:data:`dropbp.compile.BRANCH_DYNAMO_CONFIG`, shared with the Transformers integration): the rest
+    of the process, a user's own compiled modules included, keeps Dynamo's. Embedding, head and loss stay eager;
+    generation with a KV cache runs the eager branches."""
+    branches = compile_branch_functions((attention_branch, mlp_branch), **compile_options)
     blocks = [m for m in model.modules() if isinstance(m, GatedBlock)]
     if not blocks:
         raise ValueError("compile_branches: the model has no gated block (build it from lit_gpt)")

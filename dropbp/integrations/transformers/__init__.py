@@ -13,6 +13,10 @@ The same core as the litgpt models: a :class:`dropbp.DropBPGate` on every residu
 - The gated forward re-implements the layer's forward, so before a class is gated its installed ``forward`` is
   checked, statement by statement, against the layout this package implements (``layout.py``): a Transformers
   release that changes a layer's forward gets a clear error instead of a silently different model.
+- ``torch.compile``: :func:`compile_branches` compiles only the attention and MLP branch functions (shared by every
+  layer: a graph per grad mode and input-requires-grad, never one per drop mask); ``torch.compile(model)`` and
+  ``TrainingArguments(torch_compile=True)`` also work: the gated forward is kept out of Dynamo (a graph break at each
+  layer), so the gates' state is never a guard and the branch functions are compiled as frames of their own.
 - :class:`DropBPCallback` (``callback.py``, a ``TrainerCallback``): a fresh mask before every micro-batch, the
   sensitivity pass and re-allocation at ``sensitivity_at`` of the run on a fixed probe batch, the realised drop
   rate as ``drop_rate`` in the Trainer's logs, and the handler's state in every Trainer checkpoint. On several
@@ -29,10 +33,13 @@ from dropbp.integrations.transformers.layers import (  # noqa: E402
     ATTN_GATE,
     MLP_GATE,
     GatedDecoderLayer,
+    attention_branch,
+    compile_branches,
     config_dims,
     decoder_layers,
     gated_class,
     install_gates,
+    mlp_branch,
     remove_gates,
     set_gate_flops,
 )
@@ -54,12 +61,15 @@ __all__ = [
     "MLP_GATE",
     "SUPPORTED",
     "TRANSFORMERS_VERSIONS",
+    "attention_branch",
+    "compile_branches",
     "config_dims",
     "decoder_layers",
     "default_loss",
     "gated_class",
     "install_gates",
     "layout_of",
+    "mlp_branch",
     "register_decoder_layer",
     "remove_gates",
     "set_gate_flops",

@@ -8,12 +8,35 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from dropbp.compile import compile_branch_functions, outside_dynamo, run_eager
 from dropbp.flops import attention_flops, mlp_flops
 from dropbp.gate import DropBPGate
 from dropbp.integrations.transformers.layout import Layout, _forward_owner, _layer_signature, layout_of
 
 ATTN_GATE = "dropbp_attn_gate"
 MLP_GATE = "dropbp_mlp_gate"
+
+
+def attention_branch(layer: nn.Module, hidden_states: torch.Tensor, attn_kwargs: dict) -> torch.Tensor:
+    """A gated layer's attention residual branch: ``attn_post(self_attn(attn_norm(h))[0])``. A function of the
+    layer, not a method, so that one compiled function serves every layer (the modules are Dynamo inputs, not
+    constants: no recompile per layer)."""
+    modules, layout = layer._modules, layer._dropbp_layout
+    hidden_states = modules[layout.attn_norm](hidden_states)
+    hidden_states = modules["self_attn"](hidden_states=hidden_states, **attn_kwargs)[0]
+    return hidden_states if layout.attn_post is None else modules[layout.attn_post](hidden_states)
+
+
+def mlp_branch(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """A gated layer's MLP residual branch: ``mlp_post(mlp(mlp_norm(h)))``."""
+    modules, layout = layer._modules, layer._dropbp_layout
+    hidden_states = modules["mlp"](modules[layout.mlp_norm](hidden_states))
+    return hidden_states if layout.mlp_post is None else modules[layout.mlp_post](hidden_states)
+
+
+# DropBPGate.forward, run in Python when called from the gated forward under torch.compile of the whole model: its
+# frame (the gate's state) is not traced, the branch function it calls is (a gate has no hooks: no nn.Module.__call__)
+_gate_forward = outside_dynamo(DropBPGate.forward)
 
 
 class GatedDecoderLayer:
@@ -26,24 +49,38 @@ class GatedDecoderLayer:
     _dropbp_varkw: str
     _dropbp_base: type
 
+    _dropbp_branches: Optional[tuple] = None  # (attention, mlp) in place of the eager functions: compile_branches
+
+    @outside_dynamo
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # Under torch.compile of the whole model this frame runs in Python, so the gates' state never becomes a Dynamo
+        # guard, and Dynamo compiles the frames it calls: the branch functions, or the layer's own forward.
         modules = self._modules
         attn_gate, mlp_gate = modules[ATTN_GATE], modules[MLP_GATE]
-        if attn_gate.passthrough and mlp_gate.passthrough:
+        branches = self._dropbp_branches
+        # A KV cache (generation, or training with use_cache=True): its per-layer state would be a guard of the
+        # compiled branch (a graph per layer, then the recompile limit), so the layer runs eager, as litgpt's do.
+        eager = kwargs.get("past_key_values") is not None
+        if (branches is None or eager) and attn_gate.passthrough and mlp_gate.passthrough:
             # no gate changes anything (p = 0, or both kept): the layer's own forward, exactly its ops
+            if eager:
+                return run_eager(super().forward, *args, **kwargs)
             return super().forward(*args, **kwargs)
+        attention, mlp = (attention_branch, mlp_branch) if eager or branches is None else branches
         hidden_states, attn_kwargs = self._dropbp_arguments(args, kwargs)
         residual = hidden_states
-        out = attn_gate(self._dropbp_attention, hidden_states, attn_kwargs)
+        gate = run_eager if eager else _gate_forward  # the gate's own forward, out of Dynamo too
+        out = gate(attn_gate, attention, self, hidden_states, attn_kwargs)
         hidden_states = residual if out is None else residual + out  # the layer's order: residual first
         residual = hidden_states
-        out = mlp_gate(self._dropbp_mlp, hidden_states)
+        out = gate(mlp_gate, mlp, self, hidden_states)
         return residual if out is None else residual + out
 
     def __reduce_ex__(self, protocol: int):
         # the generated class is not reachable by name: pickle (and deepcopy) record the layer's own class and
-        # rebuild the gated subclass of it on load
-        return _new_gated_layer, (self._dropbp_base,), self.__getstate__()
+        # rebuild the gated subclass of it on load. Compiled branches do not pickle: a copy runs the eager ones.
+        state = {k: v for k, v in self.__getstate__().items() if k != "_dropbp_branches"}
+        return _new_gated_layer, (self._dropbp_base,), state
 
     def _dropbp_arguments(self, args: tuple, kwargs: dict) -> tuple:
         """hidden_states, and the keyword arguments the layer's own forward passes to ``self_attn``: each named
@@ -55,17 +92,6 @@ class GatedDecoderLayer:
         attn_kwargs = {name: given.get(name, self._dropbp_defaults[name]) for name in self._dropbp_params}
         attn_kwargs.update(given.get(self._dropbp_varkw, {}))
         return given["hidden_states"], attn_kwargs
-
-    def _dropbp_attention(self, hidden_states: torch.Tensor, attn_kwargs: dict) -> torch.Tensor:
-        modules, layout = self._modules, self._dropbp_layout
-        hidden_states = modules[layout.attn_norm](hidden_states)
-        hidden_states = modules["self_attn"](hidden_states=hidden_states, **attn_kwargs)[0]
-        return hidden_states if layout.attn_post is None else modules[layout.attn_post](hidden_states)
-
-    def _dropbp_mlp(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        modules, layout = self._modules, self._dropbp_layout
-        hidden_states = modules["mlp"](modules[layout.mlp_norm](hidden_states))
-        return hidden_states if layout.mlp_post is None else modules[layout.mlp_post](hidden_states)
 
 
 _GATED_CLASSES: dict = {}
@@ -152,7 +178,29 @@ def remove_gates(model: nn.Module) -> nn.Module:
     for layer in decoder_layers(model):
         if isinstance(layer, GatedDecoderLayer):
             del layer._modules[ATTN_GATE], layer._modules[MLP_GATE]
+            layer.__dict__.pop("_dropbp_branches", None)
             layer.__class__ = type(layer)._dropbp_base
+    return model
+
+
+def compile_branches(model: nn.Module, **compile_options) -> nn.Module:
+    """``torch.compile`` the attention and the MLP branch functions that every gated layer of ``model`` calls
+    through its gates (``compile_options``: those of ``torch.compile``; default ``dynamic=True``), and return
+    ``model``. The gates decide in Python, outside the compiled code (a dropped branch is called under
+    ``no_grad``), so a branch needs a graph per grad mode and per whether its input requires grad (with LoRA, not
+    before the first kept branch with a trainable parameter), shared by every layer of a kind: never one per drop
+    mask. The layers always run their branches through the gates (at p = 0 too, compiled); embedding, head and loss
+    stay eager. The Dynamo settings of :data:`dropbp.compile.BRANCH_DYNAMO_CONFIG` hold only inside the compiled
+    branches. ``torch.compile(model)`` of a gated model also works (the gated forward is kept out of Dynamo: see
+    ``GatedDecoderLayer.forward``); this helper is the lighter route. A copy or pickle of the model runs the eager
+    branches: compile it again.
+    """
+    layers = [m for m in decoder_layers(model) if isinstance(m, GatedDecoderLayer)]
+    if not layers:
+        raise ValueError(f"compile_branches: {type(model).__name__} has no gated decoder layer (install_gates first)")
+    branches = compile_branch_functions((attention_branch, mlp_branch), **compile_options)
+    for layer in layers:
+        layer._dropbp_branches = branches
     return model
 
 
