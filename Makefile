@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 HF_VENV := .venv-hf
 HF_PY := $(HF_VENV)/bin/python
 TORCH := torch==2.13.0
+# pytest-xdist workers: the suite is mostly single-threaded Python, imports and process start-ups
+WORKERS ?= 2
 
 .PHONY: install test test-fork test-hf demo clean
 
@@ -29,12 +31,12 @@ install: $(VENV)/.installed
 test: test-fork test-hf
 
 test-fork: install
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n $(WORKERS) tests
 
 # the integration's tests and the plain-loop example against the installed library (run outside the checkout)
 test-hf: $(HF_VENV)/.installed
 	$(HF_PY) -m pip install --quiet --force-reinstall --no-deps .
-	$(HF_PY) -m pytest $(wildcard tests/test_hf*.py)
+	$(HF_PY) -m pytest -n $(WORKERS) $(wildcard tests/test_hf*.py)
 	cd /tmp && $(abspath $(HF_PY)) $(abspath examples/plain_loop.py) --steps 20
 
 # the demo's own out_dir, replaced on every run: `make demo` runs again; a run of yours elsewhere is never touched

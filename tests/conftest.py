@@ -1,7 +1,11 @@
+import os
+
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# `make test` runs two pytest workers (pytest-xdist) on a 2-core machine: one torch thread each, since more threads
+# than free cores makes CPU torch many times slower; a single pytest process takes both cores
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 # one tiny config per block layout litgpt has (real model families, shrunk)
 TINY = dict(n_layer=2, n_embd=32, n_head=4, block_size=32, vocab_size=64, padded_vocab_size=64)
