@@ -352,6 +352,7 @@ def test_trainer_lora_p0875(tmp_path):
     """PEFT LoRA at p = 0.875 with gradient accumulation and gradient checkpointing."""
     trainer, handler, callback = lora_trainer(tmp_path, max_steps=5, gradient_checkpointing=True)
     frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    lora_b = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
     at_forward, training_step = [], trainer.training_step
 
     def recording_step(*args, **kwargs):
@@ -373,6 +374,8 @@ def test_trainer_lora_p0875(tmp_path):
     assert handler.mean_rate == pytest.approx(0.875, abs=0.1) and len(set(handler.rates.tolist())) > 1
     assert (tmp_path / "dropbp_allocation.json").is_file()
     assert all(torch.equal(p, frozen[n]) for n, p in trainer.model.named_parameters() if not p.requires_grad)
+    moved = [n for n, p in trainer.model.named_parameters() if n in lora_b and not torch.equal(p, lora_b[n])]
+    assert len(moved) > len(lora_b) / 2, (len(moved), len(lora_b))  # trained (a branch may stay dropped all run)
     assert not handler.mask.any()  # after training: every layer's own forward again
 
 
@@ -391,6 +394,9 @@ def test_trainer_step_with_nothing_trainable_kept(tmp_path):
 def test_trainer_resume_gives_same_masks_and_losses(tmp_path):
     full, handler_full, _ = lora_trainer(tmp_path / "a", max_steps=6, save_strategy="steps", save_steps=3)
     full.train()
+    # the trained PEFT model with its gates saves whole (with gradient checkpointing it would not, gates or not:
+    # Transformers' enable_input_require_grads hook is a local function)
+    torch.save(full.model, tmp_path / "model.pt")
     interrupted, _, _ = lora_trainer(tmp_path / "b", max_steps=6, save_strategy="steps", save_steps=3)
     resumed, handler_resumed, callback = lora_trainer(tmp_path / "b", max_steps=6)
     # the first run stops after its checkpoint at step 3
