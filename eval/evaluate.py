@@ -89,6 +89,7 @@ def main(
     metric: Optional[Literal["acc", "acc_norm"]] = None,
     out_dir: Optional[Path] = None,
     seed: int = 1234,
+    bootstrap_iters: int = 100000,
 ) -> dict:
     """Evaluate a checkpoint on a Table-1 preset or on any lm-eval tasks.
 
@@ -109,6 +110,8 @@ def main(
         out_dir: Where results_<tasks>.json (lm-eval's results) and table_<tasks>.md go (default:
             <checkpoint_dir>/eval).
         seed: lm-eval's random seed (few-shot example sampling).
+        bootstrap_iters: lm-eval's bootstrap resamples for the standard errors (0: none; its bootstrap runs a
+            process pool, seconds per call).
     """
     check_checkpoint_dir(checkpoint_dir)
     preset, names, paths = split_tasks(tasks)
@@ -129,7 +132,8 @@ def main(
 
     lm = LitGPTLM.from_checkpoint(checkpoint_dir, batch_size=batch_size, device=device, precision=precision)
     try:
-        results = evaluate(lm, selected, preset, num_fewshot, limit, batch_size, device, task_manager, seed)
+        results = evaluate(lm, selected, preset, num_fewshot, limit, batch_size, device, task_manager, seed,
+                           bootstrap_iters)
     except (OSError, RuntimeError, ConnectionError) as error:
         if not names:
             raise
@@ -156,7 +160,8 @@ def main(
     return results
 
 
-def evaluate(lm, selected, preset, num_fewshot, limit, batch_size, device, task_manager, seed) -> dict:
+def evaluate(lm, selected, preset, num_fewshot, limit, batch_size, device, task_manager, seed,
+             bootstrap_iters=100000) -> dict:
     return lm_eval.simple_evaluate(
         model=lm,
         tasks=selected,
@@ -170,6 +175,7 @@ def evaluate(lm, selected, preset, num_fewshot, limit, batch_size, device, task_
         numpy_random_seed=seed,
         torch_random_seed=seed,
         fewshot_random_seed=seed,
+        bootstrap_iters=bootstrap_iters,
     )
 
 

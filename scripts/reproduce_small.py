@@ -79,8 +79,9 @@ def read_log(run_dir: Path, method: str, variant: str) -> dict:
 def heldout_scores(checkpoint_dir: Path, task_dir: Path, limit: Optional[int]) -> dict:
     from eval.evaluate import main as evaluate
 
+    # no bootstrap standard errors: not read here, and lm-eval's bootstrap costs a process pool per call
     results = evaluate(checkpoint_dir=checkpoint_dir, tasks=str(task_dir), limit=limit, batch_size=16,
-                       device="cpu", out_dir=checkpoint_dir / "eval")["results"]
+                       device="cpu", out_dir=checkpoint_dir / "eval", bootstrap_iters=0)["results"]
     return {"exact_match": results["builtin_qa"]["exact_match,none"],
             "answer_perplexity": results["builtin_qa_loglik"]["perplexity,none"]}
 
