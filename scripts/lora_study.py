@@ -48,6 +48,7 @@ PRETRAIN = PretrainArgs(steps={"S": 600, "M": 800, "L": 1000})
 QUICK_SETTINGS = Settings(steps=3, global_batch_size=4, micro_batch_size=2, rates=(0.875,), num_samples=64,
                           eval_points=1, eval_limit=3)
 QUICK_PRETRAIN = PretrainArgs(steps={"S": 3, "M": 3, "L": 3}, corpus_size=100)
+QUICK_ABLATIONS = ["uniform allocation", "lr compensation"]  # ~1 s per run, mostly lm-eval: the two cheapest
 
 
 def parallel(fn, calls: list, workers: int, threads: int) -> list:
@@ -86,7 +87,7 @@ def main(
 ) -> dict:
     """Run the study (see the module docstring); returns the contents of results.json."""
     if quick:
-        settings, pretrain, workers = QUICK_SETTINGS, QUICK_PRETRAIN, 0
+        settings, pretrain, workers, ablations = QUICK_SETTINGS, QUICK_PRETRAIN, 0, QUICK_ABLATIONS
     shapes = {n: s for n, s in (QUICK_SIZES if quick else SIZES).items() if sizes is None or n in sizes}
     torch.set_num_threads(threads)
     out_dir, cache_dir = Path(out_dir).resolve(), Path(cache_dir).resolve()

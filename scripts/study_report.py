@@ -83,7 +83,7 @@ def scale_table(groups: dict, sizes: list, params: dict) -> list:
 
 
 def ablation_table(groups: dict, size: str) -> list:
-    lines = ["| LoRA, equal steps | run | seeds | val loss | gap val loss | exact match | gap exact match |",
+    lines = ["| ablation (LoRA, equal steps) | run | seeds | val loss | gap val loss | exact match | gap exact match |",
              "|---|---|---|---|---|---|---|"]
     ablated = sorted({k[4] for k in groups if k[0] == size and k[4]})
     rates = {k[2] for k in groups if k[0] == size and k[4] and k[2] != "baseline"}
