@@ -89,7 +89,6 @@ def main(
     metric: Optional[Literal["acc", "acc_norm"]] = None,
     out_dir: Optional[Path] = None,
     seed: int = 1234,
-    bootstrap_iters: int = 100000,
 ) -> dict:
     """Evaluate a checkpoint on a Table-1 preset or on any lm-eval tasks.
 
@@ -110,8 +109,6 @@ def main(
         out_dir: Where results_<tasks>.json (lm-eval's results) and table_<tasks>.md go (default:
             <checkpoint_dir>/eval).
         seed: lm-eval's random seed (few-shot example sampling).
-        bootstrap_iters: lm-eval's bootstrap resamples for the standard errors (0: none; its bootstrap runs a
-            process pool, seconds per call).
     """
     check_checkpoint_dir(checkpoint_dir)
     preset, names, paths = split_tasks(tasks)
@@ -132,8 +129,7 @@ def main(
 
     lm = LitGPTLM.from_checkpoint(checkpoint_dir, batch_size=batch_size, device=device, precision=precision)
     try:
-        results = evaluate(lm, selected, preset, num_fewshot, limit, batch_size, device, task_manager, seed,
-                           bootstrap_iters)
+        results = evaluate(lm, selected, preset, num_fewshot, limit, batch_size, device, task_manager, seed)
     except (OSError, RuntimeError, ConnectionError) as error:
         if not names:
             raise
@@ -161,7 +157,9 @@ def main(
 
 
 def evaluate(lm, selected, preset, num_fewshot, limit, batch_size, device, task_manager, seed,
-             bootstrap_iters=100000) -> dict:
+             bootstrap_iters: int = 100000) -> dict:
+    """lm-eval on ``selected``; ``bootstrap_iters`` 0 skips the standard errors (lm-eval bootstraps them on a
+    process pool, about a second per call on a small model)."""
     return lm_eval.simple_evaluate(
         model=lm,
         tasks=selected,

@@ -77,11 +77,17 @@ def read_log(run_dir: Path, method: str, variant: str) -> dict:
 
 
 def heldout_scores(checkpoint_dir: Path, task_dir: Path, limit: Optional[int]) -> dict:
-    from eval.evaluate import main as evaluate
+    """Exact match and answer perplexity on the held-out tasks, through eval/ (lm-eval) as eval/evaluate.py runs
+    them, less the bootstrap standard errors (never read here; lm-eval runs a process pool for them)."""
+    from lm_eval.tasks import TaskManager
 
-    # no bootstrap standard errors: not read here, and lm-eval's bootstrap costs a process pool per call
-    results = evaluate(checkpoint_dir=checkpoint_dir, tasks=str(task_dir), limit=limit, batch_size=16,
-                       device="cpu", out_dir=checkpoint_dir / "eval", bootstrap_iters=0)["results"]
+    from eval.evaluate import evaluate, tasks_in_path
+    from eval.lm_eval_harness import LitGPTLM
+
+    task_manager = TaskManager(include_path=[str(task_dir)], include_defaults=False)
+    lm = LitGPTLM.from_checkpoint(checkpoint_dir, batch_size=16, device="cpu")
+    results = evaluate(lm, tasks_in_path(task_manager, task_dir), None, None, limit, 16, "cpu", task_manager, 1234,
+                       bootstrap_iters=0)["results"]
     return {"exact_match": results["builtin_qa"]["exact_match,none"],
             "answer_perplexity": results["builtin_qa_loglik"]["perplexity,none"]}
 
