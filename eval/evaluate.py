@@ -156,7 +156,10 @@ def main(
     return results
 
 
-def evaluate(lm, selected, preset, num_fewshot, limit, batch_size, device, task_manager, seed) -> dict:
+def evaluate(lm, selected, preset, num_fewshot, limit, batch_size, device, task_manager, seed,
+             bootstrap_iters: int = 100000) -> dict:
+    """lm-eval on ``selected``; ``bootstrap_iters`` 0 skips the standard errors (lm-eval bootstraps them on a
+    process pool, about a second per call on a small model)."""
     return lm_eval.simple_evaluate(
         model=lm,
         tasks=selected,
@@ -170,6 +173,7 @@ def evaluate(lm, selected, preset, num_fewshot, limit, batch_size, device, task_
         numpy_random_seed=seed,
         torch_random_seed=seed,
         fewshot_random_seed=seed,
+        bootstrap_iters=bootstrap_iters,
     )
 
 

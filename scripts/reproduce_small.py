@@ -20,7 +20,6 @@ a PLD step (1 - d)(1 + k) with d the skipped fraction; embedding and head are le
 
 import csv
 import json
-import math
 import shutil
 import sys
 import time
@@ -29,18 +28,13 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a checkout
 
-import torch
 from jsonargparse import CLI
 from litgpt.args import EvalArgs, TrainArgs
-from litgpt.config import Config
-from litgpt.model import GPT
-from litgpt.tokenizer import Tokenizer
-from litgpt.utils import copy_config_files
 
 from finetune import full, lora
 from finetune.args import DropBPArgs, PLDArgs
 from lit_gpt.data import Builtin
-from lit_gpt.tiny_model import ensure_tiny_checkpoint, pretrain_corpus
+from scripts.study_models import pretrain
 
 VARIANTS = {  # name -> (DropBP args, PLD args)
     "baseline": (DropBPArgs(rate=0.0), PLDArgs()),
@@ -63,42 +57,6 @@ def equal_flops_steps(steps: int, method: str, dropbp: DropBPArgs, pld: PLDArgs)
     return round(steps * (1 + k) / cost)
 
 
-def pretrain(out_dir: Path, steps: int, batch_size: int, seq_len: int, lr: float, seed: int = 0) -> Path:
-    """Plain next-token training of the tiny model on the built-in corpus; writes a litgpt checkpoint dir."""
-    base = ensure_tiny_checkpoint()
-    if (out_dir / "lit_model.pth").is_file():
-        return out_dir
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    copy_config_files(base, tmp)
-    tokenizer = Tokenizer(base)
-    ids = torch.cat([tokenizer.encode(t, bos=True, eos=True) for t in pretrain_corpus(4000, seed)]).long()
-    torch.manual_seed(seed)
-    model = GPT(Config.from_file(base / "model_config.yaml"))
-    model.load_state_dict(torch.load(base / "lit_model.pth", weights_only=True))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(seed)
-    t0 = time.perf_counter()
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        starts = torch.randint(0, len(ids) - seq_len - 1, (batch_size,), generator=g)
-        batch = torch.stack([ids[s: s + seq_len + 1] for s in starts.tolist()])
-        logits = model(batch[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % 100 == 0 or step == steps - 1:
-            print(f"pretrain step {step}: loss {loss.item():.3f}")
-    torch.save(model.state_dict(), tmp / "lit_model.pth")
-    (tmp / "pretrain.json").write_text(json.dumps({"steps": steps, "final_loss": loss.item(),
-                                                   "seconds": time.perf_counter() - t0}))
-    tmp.rename(out_dir)
-    return out_dir
-
-
 def read_log(run_dir: Path, method: str, variant: str) -> dict:
     """Cumulative wall time (training steps + sensitivity pass) and FLOPs at each validation point."""
     rows = {}
@@ -119,10 +77,17 @@ def read_log(run_dir: Path, method: str, variant: str) -> dict:
 
 
 def heldout_scores(checkpoint_dir: Path, task_dir: Path, limit: Optional[int]) -> dict:
-    from eval.evaluate import main as evaluate
+    """Exact match and answer perplexity on the held-out tasks, through eval/ (lm-eval) as eval/evaluate.py runs
+    them, less the bootstrap standard errors (never read here; lm-eval runs a process pool for them)."""
+    from lm_eval.tasks import TaskManager
 
-    results = evaluate(checkpoint_dir=checkpoint_dir, tasks=str(task_dir), limit=limit, batch_size=16,
-                       device="cpu", out_dir=checkpoint_dir / "eval")["results"]
+    from eval.evaluate import evaluate, tasks_in_path
+    from eval.lm_eval_harness import LitGPTLM
+
+    task_manager = TaskManager(include_path=[str(task_dir)], include_defaults=False)
+    lm = LitGPTLM.from_checkpoint(checkpoint_dir, batch_size=16, device="cpu")
+    results = evaluate(lm, tasks_in_path(task_manager, task_dir), None, None, limit, 16, "cpu", task_manager, 1234,
+                       bootstrap_iters=0)["results"]
     return {"exact_match": results["builtin_qa"]["exact_match,none"],
             "answer_perplexity": results["builtin_qa_loglik"]["perplexity,none"]}
 
@@ -176,7 +141,7 @@ def main(
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    base = pretrain(out_dir / "pretrained", pretrain_steps, batch_size=16, seq_len=64, lr=3e-3)
+    base = pretrain(out_dir / "pretrained", steps=pretrain_steps, batch_size=16, seq_len=64, lr=3e-3)
     from eval.builtin_task import write_builtin_tasks
 
     task_dir = out_dir / "builtin_tasks"

@@ -1,0 +1,86 @@
+"""scripts/lora_study.py --quick: pretraining (and its cache), the grid at three sizes, the ablations, held-out
+evaluation, the tables and the PNGs."""
+
+import json
+
+import pytest
+
+from finetune.args import DropBPArgs
+from scripts.lora_study import main
+from scripts.reproduce_small import BACKWARD_FACTOR
+from scripts.study_grid import BASELINE, EQUAL_FLOPS, EQUAL_STEPS
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora_study")
+    first = main(quick=True, out_dir=root / "out", cache_dir=root / "cache")
+    return root, first
+
+
+def section(report: str, title: str) -> list:
+    """The body rows of the table under a '## title' heading (its header and separator left out)."""
+    lines = report.split("## " + title, 1)[1].split("\n## ", 1)[0].splitlines()
+    return [line for line in lines if line.startswith("|") and not line.startswith("|---")][1:]
+
+
+def test_every_configuration_has_three_seeds_in_the_tables(study):
+    root, summary = study
+    report = (root / "out" / "report.md").read_text()
+    runs = summary["runs"]
+    assert {r["size"] for r in runs} == {"S", "M", "L"} and all(m["created"] for m in summary["models"].values())
+    for size in ("S", "M", "L"):
+        for method in ("lora", "full"):
+            rows = section(report, f"{size}, {method}")
+            expected = {("baseline", BASELINE)} | {(v, p) for v in ("DropBP 0.875",) for p in (EQUAL_STEPS, EQUAL_FLOPS)}
+            assert {tuple(c.strip() for c in row.split("|")[1:3]) for row in rows} == expected
+            assert all(row.split("|")[3].strip() == "3" for row in rows)
+    ablations = section(report, "Ablations on the LoRA gap")
+    assert {row.split("|")[1].strip() for row in ablations} == {"none", "uniform allocation", "lr compensation"}
+    assert all(row.split("|")[3].strip() == "3" for row in ablations)
+    assert "Scale trend" in report and json.loads((root / "out" / "results.json").read_text())["runs"]
+
+
+def test_the_gap_column_is_dropbp_minus_the_same_seeds_baseline(study):
+    root, summary = study
+    runs = [r for r in summary["runs"] if r["size"] == "M" and r["method"] == "lora" and not r["ablation"]]
+    base = {r["seed"]: r for r in runs if r["rate"] == 0}
+    dropbp = [r for r in runs if r["rate"] == 0.875 and r["protocol"] == EQUAL_STEPS]
+    gaps = [r["final_val_loss"] - base[r["seed"]]["final_val_loss"] for r in dropbp]
+    mean = sum(gaps) / 3
+    sd = (sum((g - mean) ** 2 for g in gaps) / 2) ** 0.5
+    row = next(r for r in section((root / "out" / "report.md").read_text(), "M, lora")
+               if r.startswith(f"| DropBP 0.875 | {EQUAL_STEPS} |"))
+    assert row.split("|")[7].strip() == f"{mean:+.3f} ± {sd:.3f}"
+
+
+def test_equal_steps_and_equal_flops_budgets(study):
+    _, summary = study
+    for r in summary["runs"]:
+        if r["rate"] == 0 or r["ablation"]:
+            continue
+        base = next(b for b in summary["runs"] if (b["size"], b["method"], b["seed"], b["rate"], b["ablation"]) ==
+                    (r["size"], r["method"], r["seed"], 0.0, ""))
+        if r["protocol"] == EQUAL_STEPS:
+            assert r["steps"] == base["steps"]
+        else:  # the baseline's FLOPs within one DropBP step, planned and realised
+            k = BACKWARD_FACTOR[r["method"]]
+            step_cost = 1 + k * (1 - DropBPArgs(rate=r["rate"]).rate)
+            assert r["steps"] > base["steps"]
+            assert abs(r["steps"] * step_cost - base["steps"] * (1 + k)) <= step_cost
+            assert abs(r["flops"] - base["flops"]) <= step_cost
+
+
+def test_pngs_are_written(study):
+    root, _ = study
+    names = {p.name for p in (root / "out").glob("*.png")}
+    assert names == {f"curves_{s}_{m}.png" for s in "SML" for m in ("lora", "full")} | {"scale_trend.png"}
+    assert all((root / "out" / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)
+
+
+def test_a_second_call_reuses_the_pretrained_models_and_the_runs(study):
+    root, first = study
+    second = main(quick=True, out_dir=root / "out", cache_dir=root / "cache")
+    assert not any(m["created"] for m in second["models"].values())
+    assert {m["dir"] for m in second["models"].values()} == {m["dir"] for m in first["models"].values()}
+    assert all(r["cached"] for r in second["runs"]) and len(second["runs"]) == len(first["runs"])
