@@ -32,10 +32,17 @@ def fresh_dynamo():
     torch.set_num_threads(1)
     torch._dynamo.reset()
     counters.clear()
-    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=8):  # restored afterwards
         yield
     torch._dynamo.reset()
     torch.set_num_threads(threads)
+
+
+# torch.compile of the whole model: Transformers >= 5.2x wraps the models' forwards in one deprecation wrapper (one
+# code object for every class), which under the graph breaks at the gated layers needs 9-10 variants (per class and
+# call form; measured with 5.25.0, none per mask) where torch's default recompile limit is 8. Those tests raise it to
+# the branches' 16 (README: what a user of that route does).
+WHOLE_MODEL_LIMIT = dict(recompile_limit=BRANCH_DYNAMO_CONFIG["recompile_limit"])
 
 
 def tiny_llama(n_layer: int, **overrides):
@@ -75,6 +82,7 @@ def train_steps(model, handler, steps: int, seed: int) -> tuple:
 def compile_model(route: str, model):
     if route == "helper":
         return hf.compile_branches(model, backend="eager")
+    torch._dynamo.config.recompile_limit = WHOLE_MODEL_LIMIT["recompile_limit"]  # undone by the fixture's patch
     return torch.compile(model, backend="eager")
 
 
@@ -188,7 +196,7 @@ def test_compile_with_kv_cache_runs_the_layers_eager():
     """A KV cache (generation; training with use_cache=True): the gated layers run eager under torch.compile of the
     whole model (a cache's per-layer state would otherwise compile a graph per layer), with exact outputs."""
     eager = tiny_llama(4).eval()
-    model = torch.compile(copy.deepcopy(eager), backend="eager")
+    model = compile_model("whole", copy.deepcopy(eager))
     x = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
     results = []
     with torch.no_grad():
@@ -199,10 +207,14 @@ def test_compile_with_kv_cache_runs_the_layers_eager():
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
     handler = DropBPHandler(model, rate=0.5, seed=0)
     model.train()
-    for _ in range(4):  # training with a cache: masks change, nothing recompiles per mask or layer
-        handler.sample()
+    counts, masks = [], set()
+    for _ in range(6):  # training with a cache: the masks change, nothing recompiles per mask
+        masks.add(tuple(handler.sample().tolist()))
         model(input_ids=x, labels=x, use_cache=True).loss.backward()
-    assert graphs() <= 12, graphs()
+        counts.append(graphs())
+    # the layers run eager with a cache, whatever its argument's name (transformers 5.25 renamed past_key_values to
+    # cache: before the layers knew it, 5.25 compiled a graph per layer and mask here, 24 -> 32 in 6 masks)
+    assert len(masks) >= 4 and counts[1:] == [counts[1]] * 5, (len(masks), counts)
 
 
 def test_compile_branches_needs_gates():

@@ -39,6 +39,10 @@ def mlp_branch(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
 _gate_forward = outside_dynamo(DropBPGate.forward)
 
 
+# what a decoder layer's KV cache argument is called: `past_key_values` (transformers 5.3), `cache` (5.25)
+CACHE_ARGUMENTS = ("past_key_values", "cache")
+
+
 class GatedDecoderLayer:
     """Mixin placed before a Transformers decoder-layer class; :func:`install_gates` turns built layers into it."""
 
@@ -60,7 +64,7 @@ class GatedDecoderLayer:
         branches = self._dropbp_branches
         # A KV cache (generation, or training with use_cache=True): its per-layer state would be a guard of the
         # compiled branch (a graph per layer, then the recompile limit), so the layer runs eager, as litgpt's do.
-        eager = kwargs.get("past_key_values") is not None
+        eager = any(kwargs.get(name) is not None for name in CACHE_ARGUMENTS)
         if (branches is None or eager) and attn_gate.passthrough and mlp_gate.passthrough:
             # no gate changes anything (p = 0, or both kept): the layer's own forward, exactly its ops
             if eager:
