@@ -28,7 +28,10 @@ $(HF_VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-test: test-fork test-hf
+# the two environments' tests side by side (their output kept apart): the suite leaves a core idle while it waits on
+# its multi-process tests, and the second environment's install waits on the network
+test:
+	$(MAKE) -j2 --output-sync=target test-fork test-hf
 
 test-fork: install
 	$(PY) -m pytest -n $(WORKERS) tests
