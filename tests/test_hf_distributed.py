@@ -239,3 +239,8 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(two_ranks, tmp_p
 
 if __name__ == "__main__":
     worker(Path(sys.argv[1]))
+    # both ranks done, then the process group closed before exit: left to interpreter shutdown, gloo's threads were
+    # once torn down mid-use on a loaded machine ("terminate called without an active exception", rank 1 exit -6)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
