@@ -9,7 +9,8 @@ model learns to count: each token is the previous one plus one), and says whethe
 The DropBP part is four calls: ``install_gates`` on the model, a ``DropBPHandler`` over it, ``handler.sample()``
 before every forward (one mask per micro-batch), and, once after 10% of the steps, the sensitivity pass and
 ``allocate_rates``. A mask may drop every branch that holds a trainable weight (LoRA on some modules only): the
-loss then has no graph and the step is skipped. With a real model use ``AutoModelForCausalLM.from_pretrained(...)``; the rest is the same.
+loss then has no graph and the step is skipped. With a real model use
+``AutoModelForCausalLM.from_pretrained(...)``; the rest is the same.
 """
 
 import argparse

@@ -27,7 +27,8 @@ class DropBPArgs:
     step: float = 0.1
     """Granularity of the allocated rates"""
     lr_compensation: bool = False
-    """Scale each branch's lr by 1/P(updated in a step): 1/(1 - p_i^accum) for AdamW-type optimizers, 1/(1 - p_i) for SGD"""
+    """Scale each branch's lr by 1/P(updated in a step): 1/(1 - p_i^accum) for AdamW-type optimizers,
+    1/(1 - p_i) for SGD"""
     seed: Optional[int] = None
     """Seed of the drop decisions (default: the run's seed). Independent of the data and dropout RNG"""
 

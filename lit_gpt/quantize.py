@@ -32,7 +32,8 @@ def quantize_frozen_linears(
         for name, child in list(parent.named_children()):
             if type(child) is not torch.nn.Linear or child.weight.requires_grad:
                 continue
-            if device == "cpu" and child.in_features % CPU_BLOCK:  # bitsandbytes' CPU kernels need whole 64-wide blocks per row
+            # bitsandbytes' CPU kernels need whole 64-wide blocks per row
+            if device == "cpu" and child.in_features % CPU_BLOCK:
                 skipped += 1
                 continue
             q = bnb.nn.Linear4bit(

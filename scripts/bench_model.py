@@ -44,7 +44,8 @@ class ModelSpec:
 
 def make_config(config_class, model_name: Optional[str], dims: dict, block_size: int, **extra):
     if model_name is not None:
-        return config_class.from_name(model_name, block_size=block_size, **{k: v for k, v in dims.items() if v}, **extra)
+        given = {k: v for k, v in dims.items() if v}
+        return config_class.from_name(model_name, block_size=block_size, **given, **extra)
     n_embd = dims["n_embd"]
     return config_class.from_name(
         "Llama-2-7b-hf", n_layer=dims["n_layer"], n_embd=n_embd, n_head=dims["n_head"], n_query_groups=dims["n_head"],

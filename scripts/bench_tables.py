@@ -38,7 +38,8 @@ def markdown_max_seq(rows: list) -> str:
 
 def overhead_line(method: str, plain_row: dict, ours_ops: int) -> str:
     r = plain_row
-    return (f"{method}: gated model at p=0 vs {baseline_name(r)}: {r['overhead']:+.1%} time (FW {r['overhead_fw']:+.1%},"
+    return (f"{method}: gated model at p=0 vs {baseline_name(r)}: {r['overhead']:+.1%} time"
+            f" (FW {r['overhead_fw']:+.1%},"
             f" BW {r['overhead_bw']:+.1%}); median of {r['timed_rounds']} paired rounds, quartiles"
             f" [{r['overhead_q1']:+.1%}, {r['overhead_q3']:+.1%}], variant order shuffled each round (seed"
             f" {r['order_seed']}); ATen ops per step {ours_ops} vs {r['aten_ops']}")

@@ -13,8 +13,12 @@
    DropBP only makes the steps cheaper) and at the baseline's FLOPs (more, cheaper steps; scripts/reproduce_small.py).
 3. Ablations on the LoRA gap at the middle size, equal steps, p = 0.875: uniform allocation, lr compensation,
    rank 32 (own baseline); more in study_grid.ABLATIONS.
-4. Held-out exact match (eval/, through reproduce_small's `heldout_scores`), results.json, report.md (mean ± sd
-   over seeds, the gap to the same seed's baseline), loss curves with min-max bands and the scale trend (PNG).
+4. Measured per run: the validation loss on the answers (`Settings.mask_prompt`: the prompt's template, which the
+   pretrained model already knows, would otherwise be most of it) of validation questions never trained on, on the
+   whole validation set before training and at every validation; and on the held-out questions, through eval/
+   (lm-eval, reproduce_small's `heldout_scores`), the answer's negative log-likelihood and generated exact match.
+   results.json, report.md (mean ± sd over seeds, the gap to the same seed's baseline, the share of the baseline's
+   fall in loss kept), loss curves with min-max bands and the scale trend (PNG).
 
 The budget: each run is single-threaded and --workers 2 runs go at once (2 cores; models of 0.3-6M parameters keep
 two threads busy poorly, so two runs at once finish more runs per minute than one run on two threads). Runs of one

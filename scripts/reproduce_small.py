@@ -179,7 +179,8 @@ def main(
         run["best_lr"] = min(same, key=lambda r: r["log"]["curve"][-1]["val_loss"])["lr"]
     plot(runs, out_dir)
     for method in methods:
-        allocation = out_dir / "runs" / f"{method}-lr{learning_rates[method][0]:g}-DropBP_0.875" / "dropbp_allocation.png"
+        run_name = f"{method}-lr{learning_rates[method][0]:g}-DropBP_0.875"
+        allocation = out_dir / "runs" / run_name / "dropbp_allocation.png"
         if allocation.is_file():
             shutil.copy(allocation, out_dir / f"drop_rates_{method}_0.875.png")
     report = make_report(runs, base_scores, out_dir, time.perf_counter() - t_start)
@@ -200,8 +201,8 @@ def make_report(runs: dict, base_scores: dict, out_dir: Path, seconds: float) ->
         baseline = best.get("baseline")
         target = baseline["log"]["curve"][-1]["val_loss"] if baseline else None
         lines += [f"## {method}", "",
-                  "| Run | best lr | steps | final val loss | train time (s) | FLOPs | time to baseline's final val loss |"
-                  " speed-up | held-out exact match | answer perplexity |",
+                  "| Run | best lr | steps | final val loss | train time (s) | FLOPs |"
+                  " time to baseline's final val loss | speed-up | held-out exact match | answer perplexity |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for variant, run in best.items():
             log = run["log"]
@@ -210,7 +211,8 @@ def make_report(runs: dict, base_scores: dict, out_dir: Path, seconds: float) ->
             speed = f"{base_time / reach:.2f}x" if reach and base_time else "not reached"
             held = run["heldout"] or {}
             lines.append(
-                f"| {variant} | {run['lr']:g} | {run['steps']} | {log['curve'][-1]['val_loss']:.4f} | {log['train_time_s']:.1f} |"
+                f"| {variant} | {run['lr']:g} | {run['steps']} | {log['curve'][-1]['val_loss']:.4f} |"
+                f" {log['train_time_s']:.1f} |"
                 f" {log['flops']:.0f} | {'–' if reach is None else f'{reach:.1f}'} | {speed} |"
                 f" {held.get('exact_match', float('nan')):.3f} | {held.get('answer_perplexity', float('nan')):.3g} |"
             )
@@ -219,7 +221,8 @@ def make_report(runs: dict, base_scores: dict, out_dir: Path, seconds: float) ->
             s, u = best["DropBP 0.875"], best["DropBP 0.875 uniform"]
             lines += [f"Uniform vs sensitivity allocation at p = 0.875 (Table 4 analogue): final val loss"
                       f" {u['log']['curve'][-1]['val_loss']:.4f} (uniform) vs {s['log']['curve'][-1]['val_loss']:.4f}"
-                      f" (sensitivity); held-out exact match {(u['heldout'] or {}).get('exact_match', float('nan')):.3f}"
+                      " (sensitivity); held-out exact match"
+                      f" {(u['heldout'] or {}).get('exact_match', float('nan')):.3f}"
                       f" vs {(s['heldout'] or {}).get('exact_match', float('nan')):.3f}.", ""]
     lines.append(f"Plots: {', '.join(p.name for p in sorted(out_dir.glob('*.png')))}")
     return "\n".join(lines) + "\n"

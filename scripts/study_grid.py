@@ -5,6 +5,7 @@ import contextlib
 import json
 import shutil
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,7 +44,10 @@ class Settings:
     seeds: tuple = (0, 1, 2)
     num_samples: int = 2000
     eval_points: int = 10
-    """Validations during a baseline run (8 micro-batches each; the final one is the whole validation set)"""
+    """Validations during a baseline run, each on the whole validation set (5% of num_samples), plus one before"""
+    mask_prompt: bool = True
+    """Loss on the answer tokens only: with the prompt's template in it, the loss mostly measures a template the
+    pretrained model already knows, and moved by 0.03 over a whole fine-tuning run (first grid, 2026-12-06)"""
     eval_limit: Optional[int] = None
     """Held-out questions scored (None: all of them, about 10% of num_samples)"""
 
@@ -111,22 +115,26 @@ def ablation_jobs(size: str, ablations: list, rate: float, settings: Settings) -
 
 
 def run_job(job: Job, checkpoint_dir: Path, task_dir: Path, run_root: Path, settings: Settings) -> dict:
-    """One fine-tuning run and its held-out evaluation; a finished run's result.json is reused."""
+    """One fine-tuning run and its held-out evaluation; a finished run's result.json is reused when it was made with
+    the same settings (the run's name holds the job, not the learning rates or the data)."""
     run_dir = Path(run_root) / job.name
-    if (run_dir / "result.json").is_file():
-        return {**json.loads((run_dir / "result.json").read_text()), "cached": True}
+    shared = json.loads(json.dumps(asdict(settings)))  # as result.json holds it
+    found = cached_result(run_dir, shared)
+    if found is not None:
+        return found
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     interval = max(1, settings.steps // settings.eval_points)
     t0 = time.perf_counter()
     with open(run_dir / "output.txt", "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        data = SeededBuiltin(num_samples=settings.num_samples, mask_prompt=settings.mask_prompt, shuffle_seed=job.seed)
         RECIPES[job.method].setup(
-            checkpoint_dir=checkpoint_dir, out_dir=run_dir, data=SeededBuiltin(num_samples=settings.num_samples,
-                                                                               shuffle_seed=job.seed),
+            checkpoint_dir=checkpoint_dir, out_dir=run_dir, data=data,
             train=TrainArgs(global_batch_size=settings.global_batch_size, micro_batch_size=settings.micro_batch_size,
                             max_steps=job.steps, lr_warmup_steps=max(1, settings.steps // 20), save_interval=None,
                             log_interval=1, min_lr=0.0),
-            eval=EvalArgs(interval=interval, max_iters=8), dropbp=dropbp_args(job), pld=PLDArgs(),
+            eval=EvalArgs(interval=interval, max_iters=sys.maxsize, initial_validation=True),
+            dropbp=dropbp_args(job), pld=PLDArgs(),
             optimizer={"class_path": "torch.optim.AdamW",
                        "init_args": {"lr": settings.learning_rates[job.method], "weight_decay": 0.0}},
             seed=job.seed, **ABLATIONS.get(job.ablation, {}).get("recipe", {}),
@@ -135,12 +143,19 @@ def run_job(job: Job, checkpoint_dir: Path, task_dir: Path, run_root: Path, sett
         log = read_log(run_dir, job.method, job.variant)
         heldout = heldout_scores(run_dir / "final", task_dir, settings.eval_limit)
     shutil.rmtree(run_dir / "final", ignore_errors=True)  # 100 runs x a model: keep the logs and result only
-    result = {**asdict(job), "variant": job.variant, "name": job.name, "curve": log["curve"],
-              "flops": log["flops"], "train_time_s": log["train_time_s"], "final_val_loss": log["curve"][-1]["val_loss"],
+    result = {**asdict(job), "variant": job.variant, "name": job.name, "curve": log["curve"], "flops": log["flops"],
+              "train_time_s": log["train_time_s"], "final_val_loss": log["curve"][-1]["val_loss"],
               "heldout": {k: float(v) for k, v in heldout.items()}, "step_time": median_step_time(run_dir),
-              "wall_s": time.perf_counter() - t0, "overhead_s": wall - log["train_time_s"]}
+              "wall_s": time.perf_counter() - t0, "overhead_s": wall - log["train_time_s"], "settings": shared}
     (run_dir / "result.json").write_text(json.dumps(result, indent=1))
     return {**result, "cached": False}
+
+
+def cached_result(run_dir: Path, shared: dict) -> Optional[dict]:
+    """The finished run's result when its settings are ``shared``, else None (then it runs again)."""
+    path = Path(run_dir) / "result.json"
+    found = json.loads(path.read_text()) if path.is_file() else {}
+    return {**found, "cached": True} if found.get("settings") == shared else None
 
 
 def median_step_time(run_dir: Path) -> float:

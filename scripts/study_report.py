@@ -1,13 +1,19 @@
 """Tables and plots of scripts/lora_study.py from its results: mean ± sd over seeds, and the gap to the baseline of
 the same seed (DropBP minus baseline, seed by seed; its mean is the difference of the means, its sd that of the
-paired differences)."""
+paired differences). "Gain kept" is the share of the baseline's fall in validation loss (from the pretrained
+model's, step 0) that the run also made, seed by seed: 100% is as good as the baseline, 0% learned nothing."""
 
+import math
 import statistics
 from pathlib import Path
 
 from scripts.study_grid import ABLATIONS, BASELINE, EQUAL_FLOPS, EQUAL_STEPS
 
-METRICS = {"val loss": lambda r: r["final_val_loss"], "exact match": lambda r: r["heldout"]["exact_match"]}
+# val loss: on the answers of the validation questions; held-out NLL: lm-eval's log answer perplexity, the mean
+# negative log-likelihood of a held-out question's whole answer (nats); exact match: generated answers, held out
+METRICS = {"val loss": lambda r: r["final_val_loss"],
+           "held-out NLL": lambda r: math.log(r["heldout"]["answer_perplexity"]),
+           "exact match": lambda r: r["heldout"]["exact_match"]}
 
 
 def mean_sd(values: list) -> tuple:
@@ -43,10 +49,26 @@ def gaps(groups: dict, key: tuple, metric: str) -> list:
     return [METRICS[metric](r) - base[r["seed"]] for r in groups[key]]
 
 
+def start_loss(r: dict) -> float:
+    """The validation loss before fine-tuning (the run's step-0 validation)."""
+    assert r["curve"][0]["step"] == 0, "runs validate before training (EvalArgs.initial_validation)"
+    return r["curve"][0]["val_loss"]
+
+
+def gains_kept(groups: dict, key: tuple) -> list:
+    """Per seed: the run's fall in validation loss over the same seed's baseline's; empty when a baseline's loss did
+    not fall (a share of nothing means nothing)."""
+    base = {r["seed"]: r["final_val_loss"] for r in groups[baseline_key(key)]}
+    falls = [(start_loss(r) - r["final_val_loss"], start_loss(r) - base[r["seed"]]) for r in groups[key]]
+    return [run / baseline for run, baseline in falls] if all(b > 0 for _, b in falls) else []
+
+
 def row_stats(groups: dict, key: tuple) -> dict:
     runs = groups[key]
     stats = {m: mean_sd([f(r) for r in runs]) for m, f in METRICS.items()}
     stats.update({f"gap {m}": mean_sd(gaps(groups, key, m)) for m in METRICS})
+    kept = gains_kept(groups, key)
+    stats["gain kept"] = mean_sd(kept) if kept else (math.nan, math.nan)
     stats.update(seeds=len(runs), steps=runs[0]["steps"], flops=statistics.fmean(r["flops"] for r in runs),
                  time=statistics.fmean(r["train_time_s"] for r in runs))
     return stats
@@ -56,35 +78,52 @@ def pm(stat: tuple, digits: int = 3, sign: str = "") -> str:
     return f"{stat[0]:{sign}.{digits}f} ± {stat[1]:.{digits}f}"
 
 
+def percent(stat: tuple) -> str:
+    return "– (baseline's loss rose)" if math.isnan(stat[0]) else f"{stat[0]:.0%} ± {stat[1]:.0%}"
+
+
+METRIC_HEAD = "val loss | gap val loss | gain kept | held-out NLL | gap held-out NLL | exact match | gap exact match"
+
+
+def metric_cells(s: dict) -> str:
+    """The cells of METRIC_HEAD."""
+    return (f"{pm(s['val loss'])} | {pm(s['gap val loss'], sign='+')} | {percent(s['gain kept'])} |"
+            f" {pm(s['held-out NLL'], 2)} | {pm(s['gap held-out NLL'], 2, '+')} | {pm(s['exact match'])} |"
+            f" {pm(s['gap exact match'], sign='+')}")
+
+
 def grid_table(groups: dict, size: str, method: str) -> list:
-    lines = ["| Run | protocol | seeds | steps | FLOPs | val loss | gap val loss | exact match | gap exact match |"
-             " train time (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| Run | protocol | seeds | steps | FLOPs | {METRIC_HEAD} | train time (s) |", "|---" * 13 + "|"]
     keys = sorted((k for k in groups if k[:2] == (size, method) and not k[4]),
                   key=lambda k: (k[2] != "baseline", k[2], k[3]))
     for key in keys:
         s = row_stats(groups, key)
-        lines.append(f"| {key[2]} | {key[3]} | {s['seeds']} | {s['steps']} | {s['flops']:.0f} | {pm(s['val loss'])} |"
-                     f" {pm(s['gap val loss'], sign='+')} | {pm(s['exact match'])} | {pm(s['gap exact match'], sign='+')}"
-                     f" | {s['time']:.1f} |")
+        lines.append(f"| {key[2]} | {key[3]} | {s['seeds']} | {s['steps']} | {s['flops']:.0f} | {metric_cells(s)} |"
+                     f" {s['time']:.1f} |")
     return lines
+
+
+SCALE_COLUMNS = {"gap val loss": lambda s: pm(s["gap val loss"], sign="+"),
+                 "gain kept": lambda s: percent(s["gain kept"]),
+                 "gap held-out NLL": lambda s: pm(s["gap held-out NLL"], 2, "+"),
+                 "gap exact match": lambda s: pm(s["gap exact match"], sign="+")}
 
 
 def scale_table(groups: dict, sizes: list, params: dict) -> list:
     """The DropBP-minus-baseline gap at each size, one row per method, rate and protocol."""
     head = " | ".join(f"{s} ({params[s] / 1e6:.2f}M)" for s in sizes)
-    lines = [f"| method | run | protocol | gap val loss: {head} | gap exact match: {head} |",
-             "|---|---|---|" + "---|" * (2 * len(sizes))]
+    lines = ["| method | run | protocol | " + " | ".join(f"{c}: {head}" for c in SCALE_COLUMNS) + " |",
+             "|---|---|---|" + "---|" * (len(SCALE_COLUMNS) * len(sizes))]
     for method, variant, protocol in sorted({k[1:4] for k in groups if k[2] != "baseline" and not k[4]}):
-        cells = {m: [pm(row_stats(groups, (s, method, variant, protocol, ""))[f"gap {m}"], sign="+")
-                     if (s, method, variant, protocol, "") in groups else "–" for s in sizes] for m in METRICS}
-        lines.append(f"| {method} | {variant} | {protocol} | {' | '.join(cells['val loss'])} |"
-                     f" {' | '.join(cells['exact match'])} |")
+        stats = [row_stats(groups, (s, method, variant, protocol, "")) if (s, method, variant, protocol, "") in groups
+                 else None for s in sizes]
+        cells = [column(s) if s else "–" for column in SCALE_COLUMNS.values() for s in stats]
+        lines.append(f"| {method} | {variant} | {protocol} | {' | '.join(cells)} |")
     return lines
 
 
 def ablation_table(groups: dict, size: str) -> list:
-    lines = ["| ablation (LoRA, equal steps) | run | seeds | val loss | gap val loss | exact match | gap exact match |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"| ablation (LoRA, equal steps) | run | seeds | {METRIC_HEAD} |", "|---" * 10 + "|"]
     ablated = sorted({k[4] for k in groups if k[0] == size and k[4]})
     rates = {k[2] for k in groups if k[0] == size and k[4] and k[2] != "baseline"}
     rows = [("none", (size, "lora", v, EQUAL_STEPS, "")) for v in sorted(rates)]
@@ -93,8 +132,7 @@ def ablation_table(groups: dict, size: str) -> list:
         if key not in groups:
             continue
         s = row_stats(groups, key)
-        lines.append(f"| {name} | {key[2]} | {s['seeds']} | {pm(s['val loss'])} | {pm(s['gap val loss'], sign='+')} |"
-                     f" {pm(s['exact match'])} | {pm(s['gap exact match'], sign='+')} |")
+        lines.append(f"| {name} | {key[2]} | {s['seeds']} | {metric_cells(s)} |")
     return lines
 
 
@@ -136,20 +174,21 @@ def plot_scale(groups: dict, sizes: list, params: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
     for method, variant, protocol in sorted({k[1:4] for k in groups if k[2] != "baseline" and not k[4]}):
         present = [s for s in sizes if (s, method, variant, protocol, "") in groups]
-        for ax, metric in zip(axes, METRICS):
-            stats = [row_stats(groups, (s, method, variant, protocol, ""))[f"gap {metric}"] for s in present]
+        for ax, column in zip(axes.flat, SCALE_COLUMNS):
+            stats = [row_stats(groups, (s, method, variant, protocol, ""))[column] for s in present]
             ax.errorbar([params[s] for s in present], [m for m, _ in stats], yerr=[sd for _, sd in stats],
                         marker="o", capsize=3, label=f"{method} {variant} {protocol}")
-    for ax, metric in zip(axes, METRICS):
-        ax.axhline(0.0, color="gray", lw=0.8)
+    for ax, column in zip(axes.flat, SCALE_COLUMNS):
+        ax.axhline(1.0 if column == "gain kept" else 0.0, color="gray", lw=0.8)
         ax.set_xscale("log")
         ax.set_xlabel("parameters")
-        ax.set_ylabel(f"DropBP - baseline, {metric} (mean ± sd over seeds)")
-    axes[1].legend(fontsize=7)
-    fig.suptitle("The gap against model size")
+        ax.set_title(column)
+        ax.set_ylabel("DropBP against its seed's baseline")
+    axes.flat[1].legend(fontsize=7)
+    fig.suptitle("The gap against model size (mean ± sd over seeds)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -162,14 +201,15 @@ def write_report(results: list, models: dict, out_dir: Path, ablation_size: str,
     params = {s: models[s]["params"] for s in models}
     lines = header + ["", "## Pretrained models", "",
                       "| size | layers x width | parameters | pretraining steps | final loss | plateau (loss fall, last"
-                      " tenth) | held-out exact match before fine-tuning | answer perplexity before |",
-                      "|---|---|---|---|---|---|---|---|"]
+                      " tenth) | val loss before fine-tuning | held-out NLL before | held-out exact match before |",
+                      "|---" * 9 + "|"]
     for s in sizes:
         m = models[s]
         plateau = "–" if m["pretrain"].get("plateau") is None else f"{m['pretrain']['plateau']:.1%}"
+        start = next(start_loss(r) for runs in groups.values() for r in runs if r["size"] == s)
         lines.append(f"| {s} | {m['shape']} | {m['params'] / 1e6:.2f}M | {m['pretrain']['steps']} |"
-                     f" {m['pretrain']['final_loss']:.3f} | {plateau} | {m['base']['exact_match']:.3f} |"
-                     f" {m['base']['answer_perplexity']:.3g} |")
+                     f" {m['pretrain']['final_loss']:.3f} | {plateau} | {start:.3f} |"
+                     f" {math.log(m['base']['answer_perplexity']):.2f} | {m['base']['exact_match']:.3f} |")
     for s in sizes:
         for method in sorted({k[1] for k in groups if k[0] == s}):
             path = out_dir / f"curves_{s}_{method}.png"

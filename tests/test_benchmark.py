@@ -1,5 +1,5 @@
-"""scripts/benchmark.py (and its parts, scripts/bench_*.py) on tiny models: the tables' arithmetic, the shuffled order, and the max-sequence search
-(probe processes, recovery after out-of-memory), never timings."""
+"""scripts/benchmark.py (and its parts, scripts/bench_*.py) on tiny models: the tables' arithmetic, the shuffled
+order, and the max-sequence search (probe processes, recovery after out-of-memory), never timings."""
 
 import io
 import json

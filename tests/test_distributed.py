@@ -139,7 +139,7 @@ def worker(case: str, out_dir: Path) -> None:
 
 # ------------------------------------------------------------------------------------- collectives per step
 COLLECTIVES = ("all_reduce", "reduce_scatter_single", "all_gather_single", "reduce_scatter_tensor",
-               "all_gather_into_tensor", "all_gather", "broadcast")  # torch.distributed's, as FSDP and Lightning call them
+               "all_gather_into_tensor", "all_gather", "broadcast")  # as FSDP and Lightning call torch.distributed
 GRADIENT_SIZED = 1024  # bytes: a collective of gradients or weights, not a flag or a scalar
 COUNT_STEPS, COUNT_ACCUM = 4, 4
 
@@ -361,7 +361,8 @@ def test_a_loss_diverging_on_one_rank_stops_every_rank(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     # one error from each rank (the progress bar shares stderr, hence no line anchors), read at the step's end
-    where = re.findall(r"error: non-finite loss in step 2 \(micro-batch 3, (here|on another rank)\): stopping", proc.stderr)
+    where = re.findall(r"error: non-finite loss in step 2 \(micro-batch 3, (here|on another rank)\): stopping",
+                       proc.stderr)
     assert sorted(where) == ["here", "on another rank"], proc.stderr[-3000:]
 
 

@@ -294,7 +294,8 @@ def test_any_frozen_subset_of_input_weight_and_lora_factors_trains_like_litgpt(m
             for name, g, ref in zip(("input", "W", "lora_A", "lora_B"), *grads):
                 assert (g is None) == (ref is None), (kind, needs, name)
                 if ref is not None:
-                    torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{kind} {needs} {name}: {m}")
+                    torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-5,
+                                               msg=lambda m: f"{kind} {needs} {name}: {m}")
 
 
 @pytest.mark.parametrize("batched", [False, True])

@@ -2,13 +2,15 @@
 evaluation, the tables and the PNGs."""
 
 import json
+from dataclasses import asdict
 
 import pytest
 
 from finetune.args import DropBPArgs
 from scripts.lora_study import main
 from scripts.reproduce_small import BACKWARD_FACTOR
-from scripts.study_grid import BASELINE, EQUAL_FLOPS, EQUAL_STEPS
+from scripts.study_grid import BASELINE, EQUAL_FLOPS, EQUAL_STEPS, Settings, cached_result
+from scripts.study_report import by_config, percent, row_stats
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,7 @@ def test_every_configuration_has_three_seeds_in_the_tables(study):
     for size in ("S", "M", "L"):
         for method in ("lora", "full"):
             rows = section(report, f"{size}, {method}")
-            expected = {("baseline", BASELINE)} | {(v, p) for v in ("DropBP 0.875",) for p in (EQUAL_STEPS, EQUAL_FLOPS)}
+            expected = {("baseline", BASELINE), ("DropBP 0.875", EQUAL_STEPS), ("DropBP 0.875", EQUAL_FLOPS)}
             assert {tuple(c.strip() for c in row.split("|")[1:3]) for row in rows} == expected
             assert all(row.split("|")[3].strip() == "3" for row in rows)
     ablations = section(report, "Ablations on the LoRA gap")
@@ -84,3 +86,30 @@ def test_a_second_call_reuses_the_pretrained_models_and_the_runs(study):
     assert not any(m["created"] for m in second["models"].values())
     assert {m["dir"] for m in second["models"].values()} == {m["dir"] for m in first["models"].values()}
     assert all(r["cached"] for r in second["runs"]) and len(second["runs"]) == len(first["runs"])
+
+
+def test_a_run_made_with_other_settings_runs_again(study):
+    root, summary = study
+    run = next(r for r in summary["runs"] if r["rate"] == 0)
+    run_dir = root / "out" / "runs" / run["name"]
+    assert cached_result(run_dir, run["settings"])["final_val_loss"] == run["final_val_loss"]
+    other = json.loads(json.dumps(asdict(Settings(learning_rates={"lora": 1e-4, "full": 1e-4}))))
+    assert cached_result(run_dir, other) is None  # the run's name does not hold the learning rate
+    assert cached_result(root / "missing", run["settings"]) is None
+
+
+def test_gain_kept_is_the_share_of_the_same_seeds_baseline_fall():
+    def run(seed, rate, start, end):
+        return {"size": "M", "method": "lora", "variant": "baseline" if rate == 0 else f"DropBP {rate:g}",
+                "protocol": BASELINE if rate == 0 else EQUAL_STEPS, "ablation": "", "seed": seed, "steps": 10,
+                "flops": 1.0, "train_time_s": 1.0, "final_val_loss": end,
+                "curve": [{"step": 0, "val_loss": start}, {"step": 10, "val_loss": end}],
+                "heldout": {"exact_match": 0.25, "answer_perplexity": 100.0}}
+
+    runs = [run(0, 0, 3.0, 2.0), run(1, 0, 3.0, 2.5), run(0, 0.875, 3.0, 2.5), run(1, 0.875, 3.0, 2.75)]
+    key = ("M", "lora", "DropBP 0.875", EQUAL_STEPS, "")
+    stats = row_stats(by_config(runs), key)
+    assert stats["gain kept"] == pytest.approx((0.5, 0.0))  # 0.5 / 1.0 and 0.25 / 0.5
+    assert stats["gap val loss"] == pytest.approx((0.375, 0.125 * 2**0.5))
+    runs[1] = run(1, 0, 3.0, 3.25)  # a baseline whose loss rose: no share
+    assert percent(row_stats(by_config(runs), key)["gain kept"]) == "– (baseline's loss rose)"

@@ -202,7 +202,8 @@ def test_real_records_an_example_index_and_uniform_rates_above_the_allocation_ca
     (dict(lora_query=False, lora_key=False, lora_value=False, lora_projection=False), "attn"),  # MLP only
     (dict(lora_key=False, lora_projection=False, lora_mlp=False, lora_head=True), None),  # head: always a graph
 ])
-def test_lora_subsets_train_through_micro_batches_that_keep_nothing_trainable(tmp_path, monkeypatch, targets, kept_kind):
+def test_lora_subsets_train_through_micro_batches_that_keep_nothing_trainable(tmp_path, monkeypatch, targets,
+                                                                              kept_kind):
     """Micro-batches whose kept branches hold no LoRA weight have no graph: backward is skipped for them alone, and
     an optimizer step made only of such micro-batches leaves those weights (and their Adam state) untouched."""
     from dropbp import DropBPHandler

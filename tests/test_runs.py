@@ -166,8 +166,8 @@ def test_failures_are_one_line_with_distinct_exit_statuses(tmp_path, monkeypatch
         (corrupt / f.name).write_bytes(f.read_bytes())
     (corrupt / "lit_model.pth").write_bytes(b"not a checkpoint")
     out = ["--out_dir", str(tmp_path / "out")]
-    assert "cannot be read as a litgpt checkpoint" in run_cli(lora, ["--checkpoint_dir", str(corrupt), "--data", "Builtin", *out],
-                                                               monkeypatch, capsys)
+    args = ["--checkpoint_dir", str(corrupt), "--data", "Builtin", *out]
+    assert "cannot be read as a litgpt checkpoint" in run_cli(lora, args, monkeypatch, capsys)
     for argv, message in [
         (["--dropbp.allocation", "foo"], "--dropbp.allocation must be one of sensitivity, uniform, got 'foo'"),
         (["--dropbp.sampling=every"], "--dropbp.sampling must be one of bernoulli, fixed, got 'every'"),

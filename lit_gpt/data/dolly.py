@@ -67,5 +67,6 @@ def load_dolly_jsonl(path: Path) -> list[dict[str, str]]:
         bad = [key for key in ("instruction", "context", "response") if not isinstance(record.get(key), str)]
         if bad:
             raise ValueError(f"{path}, {where} {number}: missing or non-string fields {bad}.")
-        examples.append({"instruction": record["instruction"], "input": record["context"], "output": record["response"]})
+        examples.append({"instruction": record["instruction"], "input": record["context"],
+                         "output": record["response"]})
     return examples

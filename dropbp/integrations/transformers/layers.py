@@ -125,7 +125,8 @@ def gated_class(cls: type) -> type:
 
 
 def _new_gated_layer(base: type) -> nn.Module:
-    """An empty instance of the gated subclass of ``base`` for pickle to fill (see ``GatedDecoderLayer.__reduce_ex__``)."""
+    """An empty instance of the gated subclass of ``base`` for pickle to fill
+    (see ``GatedDecoderLayer.__reduce_ex__``)."""
     cls = gated_class(base)
     return cls.__new__(cls)
 

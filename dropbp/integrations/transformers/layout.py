@@ -161,7 +161,8 @@ def layout_of(cls: type) -> Layout:
         if actual != expected:
             raise TypeError(
                 f"{name}.forward in transformers {_transformers_version()} is not the {SUPPORTED[name]!r} layout that"
-                f" DropBP's gated forward re-implements (supported: transformers{TRANSFORMERS_VERSIONS}); expected:\n{expected}\n"
+                f" DropBP's gated forward re-implements (supported: transformers{TRANSFORMERS_VERSIONS});"
+                f" expected:\n{expected}\n"
                 f"found:\n{actual}"
             )
         _CHECKED[(owner, layout)] = True
