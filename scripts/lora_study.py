@@ -24,12 +24,9 @@ The budget: each run is single-threaded and --workers 2 runs go at once (2 cores
 two threads busy poorly, so two runs at once finish more runs per minute than one run on two threads). Runs of one
 size and method share their per-step time, so the first seed's baseline and DropBP 0.875 runs of each size and
 method run first, and the rest is estimated from their measured step times and overheads (evaluation included),
-printed before it starts (rates in between: linear in the rate). Measured single-threaded, on a shared machine
-(seconds per step at 16 samples, baseline / DropBP 0.875): S lora 0.093/0.061, full 0.080/0.040; M lora
-0.313/0.174, full 0.246/0.109; L lora 0.677/0.365, full 0.561/0.285; per run 2-10 s more (set-up, validation,
-held-out evaluation). Pretraining: 0.07 / 0.24 / 0.61 s per step. So the 102 runs (100 baseline steps) take about
-57 min on one worker, 29 on two, and pretraining S 600, M 800, L 1000 steps about 10 min on two (once: cached),
-about 40-45 min in all. --settings.steps, --sizes and --ablations shrink it.
+printed before it starts (rates in between: linear in the rate). Measured on 2 cores, 2026-12-06: pretraining the
+three sizes 11.5 min (S 0.7, M 3.3, L 10.6 min, two at a time; once: cached), then the 102 runs 52 min (estimated
+47 min after the 5.7-min calibration): about 64 min from cold. --settings.steps, --sizes and --ablations shrink it.
 """
 
 import json

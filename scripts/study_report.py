@@ -1,7 +1,7 @@
 """Tables and plots of scripts/lora_study.py from its results: mean ± sd over seeds, and the gap to the baseline of
 the same seed (DropBP minus baseline, seed by seed; its mean is the difference of the means, its sd that of the
 paired differences). "Gain kept" is the share of the baseline's fall in validation loss (from the pretrained
-model's, step 0) that the run also made, seed by seed: 100% is as good as the baseline, 0% learned nothing."""
+model's, step 0) that the runs also made, mean over mean: 100% is as good as the baseline, 0% learned nothing."""
 
 import math
 import statistics
@@ -55,20 +55,22 @@ def start_loss(r: dict) -> float:
     return r["curve"][0]["val_loss"]
 
 
-def gains_kept(groups: dict, key: tuple) -> list:
-    """Per seed: the run's fall in validation loss over the same seed's baseline's; empty when a baseline's loss did
-    not fall (a share of nothing means nothing)."""
+def gain_kept(groups: dict, key: tuple) -> float:
+    """The runs' mean fall in validation loss over their baselines' (same seeds); NaN when the baselines' loss did not
+    fall on average (a share of nothing means nothing). A ratio of means: seed by seed, a baseline that barely moved
+    would make the share of that seed meaningless."""
     base = {r["seed"]: r["final_val_loss"] for r in groups[baseline_key(key)]}
-    falls = [(start_loss(r) - r["final_val_loss"], start_loss(r) - base[r["seed"]]) for r in groups[key]]
-    return [run / baseline for run, baseline in falls] if all(b > 0 for _, b in falls) else []
+    runs = groups[key]
+    baseline_fall = statistics.fmean(start_loss(r) - base[r["seed"]] for r in runs)
+    run_fall = statistics.fmean(start_loss(r) - r["final_val_loss"] for r in runs)
+    return run_fall / baseline_fall if baseline_fall > 0 else math.nan
 
 
 def row_stats(groups: dict, key: tuple) -> dict:
     runs = groups[key]
     stats = {m: mean_sd([f(r) for r in runs]) for m, f in METRICS.items()}
     stats.update({f"gap {m}": mean_sd(gaps(groups, key, m)) for m in METRICS})
-    kept = gains_kept(groups, key)
-    stats["gain kept"] = mean_sd(kept) if kept else (math.nan, math.nan)
+    stats["gain kept"] = gain_kept(groups, key)
     stats.update(seeds=len(runs), steps=runs[0]["steps"], flops=statistics.fmean(r["flops"] for r in runs),
                  time=statistics.fmean(r["train_time_s"] for r in runs))
     return stats
@@ -78,8 +80,8 @@ def pm(stat: tuple, digits: int = 3, sign: str = "") -> str:
     return f"{stat[0]:{sign}.{digits}f} ± {stat[1]:.{digits}f}"
 
 
-def percent(stat: tuple) -> str:
-    return "– (baseline's loss rose)" if math.isnan(stat[0]) else f"{stat[0]:.0%} ± {stat[1]:.0%}"
+def percent(share: float) -> str:
+    return "– (baseline's loss rose)" if math.isnan(share) else f"{share:.0%}"
 
 
 METRIC_HEAD = "val loss | gap val loss | gain kept | held-out NLL | gap held-out NLL | exact match | gap exact match"
@@ -151,13 +153,15 @@ def plot_curves(groups: dict, size: str, method: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    variants = sorted({k[2] for k in groups}, key=lambda v: (v != "baseline", v))
+    colors = {v: f"C{i}" for i, v in enumerate(variants)}  # a variant keeps its colour in both panels
     for ax, protocol, axis in ((axes[0], EQUAL_STEPS, "step"), (axes[1], EQUAL_FLOPS, "flops")):
-        for key, runs in groups.items():
+        for key, runs in sorted(groups.items(), key=lambda item: variants.index(item[0][2])):
             if key[:2] != (size, method) or key[4] or key[3] not in (BASELINE, protocol):
                 continue
             xs, mean, lo, hi = curve_band(runs, axis)
-            line, = ax.plot(xs, mean, label=f"{key[2]} ({len(runs)} seeds)")
-            ax.fill_between(xs, lo, hi, alpha=0.2, color=line.get_color())
+            ax.plot(xs, mean, label=f"{key[2]} ({len(runs)} seeds)", color=colors[key[2]])
+            ax.fill_between(xs, lo, hi, alpha=0.2, color=colors[key[2]])
         ax.set_xlabel("optimizer step" if axis == "step" else "FLOPs (forward units of the blocks per micro-batch)")
         ax.set_title(protocol)
         ax.set_ylabel("validation loss")
@@ -179,13 +183,16 @@ def plot_scale(groups: dict, sizes: list, params: dict, path: Path) -> None:
         present = [s for s in sizes if (s, method, variant, protocol, "") in groups]
         for ax, column in zip(axes.flat, SCALE_COLUMNS):
             stats = [row_stats(groups, (s, method, variant, protocol, ""))[column] for s in present]
+            stats = [(x, 0.0) if isinstance(x, float) else x for x in stats]  # gain kept: one ratio, no spread
             ax.errorbar([params[s] for s in present], [m for m, _ in stats], yerr=[sd for _, sd in stats],
                         marker="o", capsize=3, label=f"{method} {variant} {protocol}")
     for ax, column in zip(axes.flat, SCALE_COLUMNS):
         ax.axhline(1.0 if column == "gain kept" else 0.0, color="gray", lw=0.8)
+        if column == "gain kept":  # a baseline that barely moved makes shares of thousands of percent: cut them
+            ax.set_ylim(-1.0, 1.6)
         ax.set_xscale("log")
         ax.set_xlabel("parameters")
-        ax.set_title(column)
+        ax.set_title(column + (" (axis cut at -100%)" if column == "gain kept" else ""))
         ax.set_ylabel("DropBP against its seed's baseline")
     axes.flat[1].legend(fontsize=7)
     fig.suptitle("The gap against model size (mean ± sd over seeds)")

@@ -2,14 +2,14 @@
 evaluation, the tables and the PNGs."""
 
 import json
-from dataclasses import asdict
+from dataclasses import replace
 
 import pytest
 
 from finetune.args import DropBPArgs
-from scripts.lora_study import main
+from scripts.lora_study import QUICK_SETTINGS, main
 from scripts.reproduce_small import BACKWARD_FACTOR
-from scripts.study_grid import BASELINE, EQUAL_FLOPS, EQUAL_STEPS, Settings, cached_result
+from scripts.study_grid import BASELINE, EQUAL_FLOPS, EQUAL_STEPS, Job, cached_result, run_settings
 from scripts.study_report import by_config, percent, row_stats
 
 
@@ -90,12 +90,18 @@ def test_a_second_call_reuses_the_pretrained_models_and_the_runs(study):
 
 def test_a_run_made_with_other_settings_runs_again(study):
     root, summary = study
-    run = next(r for r in summary["runs"] if r["rate"] == 0)
+    run = next(r for r in summary["runs"] if r["rate"] == 0 and r["method"] == "full" and not r["ablation"])
     run_dir = root / "out" / "runs" / run["name"]
-    assert cached_result(run_dir, run["settings"])["final_val_loss"] == run["final_val_loss"]
-    other = json.loads(json.dumps(asdict(Settings(learning_rates={"lora": 1e-4, "full": 1e-4}))))
-    assert cached_result(run_dir, other) is None  # the run's name does not hold the learning rate
-    assert cached_result(root / "missing", run["settings"]) is None
+    job = Job(**{k: run[k] for k in ("size", "method", "rate", "protocol", "seed", "steps", "ablation")})
+    assert cached_result(run_dir, run_settings(job, QUICK_SETTINGS))["final_val_loss"] == run["final_val_loss"]
+    # the grid's rates and seeds, and the other method's learning rate, do not change this run
+    same = replace(QUICK_SETTINGS, rates=(0.5,), seeds=(7,), learning_rates={**QUICK_SETTINGS.learning_rates,
+                                                                              "lora": 1.0})
+    assert cached_result(run_dir, run_settings(job, same)) is not None
+    # its own learning rate does: the run's name does not hold it
+    other = replace(QUICK_SETTINGS, learning_rates={**QUICK_SETTINGS.learning_rates, "full": 1.0})
+    assert cached_result(run_dir, run_settings(job, other)) is None
+    assert cached_result(root / "missing", run_settings(job, QUICK_SETTINGS)) is None
 
 
 def test_gain_kept_is_the_share_of_the_same_seeds_baseline_fall():
@@ -109,7 +115,7 @@ def test_gain_kept_is_the_share_of_the_same_seeds_baseline_fall():
     runs = [run(0, 0, 3.0, 2.0), run(1, 0, 3.0, 2.5), run(0, 0.875, 3.0, 2.5), run(1, 0.875, 3.0, 2.75)]
     key = ("M", "lora", "DropBP 0.875", EQUAL_STEPS, "")
     stats = row_stats(by_config(runs), key)
-    assert stats["gain kept"] == pytest.approx((0.5, 0.0))  # 0.5 / 1.0 and 0.25 / 0.5
-    assert stats["gap val loss"] == pytest.approx((0.375, 0.125 * 2**0.5))
-    runs[1] = run(1, 0, 3.0, 3.25)  # a baseline whose loss rose: no share
+    assert stats["gain kept"] == pytest.approx(0.375 / 0.75)  # mean fall over the baselines' mean fall
+    assert stats["gap val loss"] == pytest.approx((0.375, 0.125 * 2**0.5))  # 0.5 and 0.25, paired by seed
+    runs[:2] = [run(0, 0, 3.0, 3.25), run(1, 0, 3.0, 3.0)]  # baselines whose loss did not fall: no share
     assert percent(row_stats(by_config(runs), key)["gain kept"]) == "– (baseline's loss rose)"
