@@ -12,7 +12,8 @@
    the baseline, and DropBP 0.5 and 0.875 both at the baseline's number of optimizer steps (the paper's protocol:
    DropBP only makes the steps cheaper) and at the baseline's FLOPs (more, cheaper steps; scripts/reproduce_small.py).
 3. Ablations on the LoRA gap at the middle size, equal steps, p = 0.875: uniform allocation, lr compensation,
-   rank 32 (own baseline); more in study_grid.ABLATIONS.
+   rank 32 and LoRA on q, v only (litgpt's default targets), these two against their own baselines; more in
+   study_grid.ABLATIONS.
 4. Measured per run: the validation loss on the answers (`Settings.mask_prompt`: the prompt's template, which the
    pretrained model already knows, would otherwise be most of it) of validation questions never trained on, on the
    whole validation set before training and at every validation; and on the held-out questions, through eval/
@@ -25,8 +26,9 @@ two threads busy poorly, so two runs at once finish more runs per minute than on
 size and method share their per-step time, so the first seed's baseline and DropBP 0.875 runs of each size and
 method run first, and the rest is estimated from their measured step times and overheads (evaluation included),
 printed before it starts (rates in between: linear in the rate). Measured on 2 cores, 2026-12-06: pretraining the
-three sizes 11.5 min (S 0.7, M 3.3, L 10.6 min, two at a time; once: cached), then the 102 runs 52 min (estimated
-47 min after the 5.7-min calibration): about 64 min from cold. --settings.steps, --sizes and --ablations shrink it.
+three sizes 11.5 min (S 0.7, M 3.3, L 10.6 min, two at a time; once: cached), then 102 runs 52 min (estimated
+47 min after the 5.7-min calibration), and the 6 runs of the q, v ablation added later about 2 min: about 66 min
+from cold. --settings.steps, --sizes and --ablations shrink it.
 """
 
 import json
@@ -82,7 +84,7 @@ def main(
     methods: tuple = ("lora", "full"),
     settings: Settings = Settings(),
     pretrain: PretrainArgs = PRETRAIN,
-    ablations: list = ["uniform allocation", "lr compensation", "rank 32"],
+    ablations: list = ["uniform allocation", "lr compensation", "rank 32", "q, v only"],
     ablation_size: str = "M",
     ablation_rate: float = 0.875,
     workers: int = 2,

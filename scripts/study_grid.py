@@ -25,6 +25,8 @@ ABLATIONS = {
     "lr compensation": {"dropbp": {"lr_compensation": True}, "recipe": {}, "own_baseline": False},
     "rank 32": {"dropbp": {}, "recipe": {"lora_r": 32, "lora_alpha": 64}, "own_baseline": True},
     "attention only": {"dropbp": {}, "recipe": {"lora_projection": False, "lora_mlp": False}, "own_baseline": True},
+    "q, v only": {"dropbp": {}, "recipe": {"lora_key": False, "lora_projection": False, "lora_mlp": False},
+                  "own_baseline": True},  # litgpt's default LoRA targets
     "cap 0.95": {"dropbp": {"max_rate": 0.95}, "recipe": {}, "own_baseline": False},
 }
 EQUAL_STEPS, EQUAL_FLOPS, BASELINE = "equal steps", "equal FLOPs", "baseline"
