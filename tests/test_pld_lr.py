@@ -32,7 +32,7 @@ def test_pld_schedule_skip_and_scale():
     assert pld.theta(0) == 1.0 and pld.theta(10**6) == pytest.approx(0.5)
     t = 1000
     theta = 0.5 * math.exp(-1.0) + 0.5
-    assert pld.keep_probabilities(t) == pytest.approx([1 - (l / 4) * (1 - theta) for l in (1, 2, 3, 4)])
+    assert pld.keep_probabilities(t) == pytest.approx([1 - (layer / 4) * (1 - theta) for layer in (1, 2, 3, 4)])
     kept = pld.sample(step=10**6)
     for gate in model.gates:
         assert gate.skipped == (not kept[gate.layer])

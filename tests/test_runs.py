@@ -216,8 +216,8 @@ def test_help_describes_every_option(monkeypatch, capsys):
 def test_make_demo_runs_again(tmp_path, monkeypatch, capsys):
     """`make demo` twice: its own command line (read from the Makefile, shortened to 2 steps, into a temporary
     out_dir) must not refuse the second run."""
-    line = next(l for l in (Path(__file__).parents[1] / "Makefile").read_text().splitlines()
-                if "finetune/lora.py" in l and l.startswith("\t"))
+    line = next(row for row in (Path(__file__).parents[1] / "Makefile").read_text().splitlines()
+                if "finetune/lora.py" in row and row.startswith("\t"))
     argv = line.split("finetune/lora.py", 1)[1].split()
     argv[argv.index("--out_dir") + 1] = str(tmp_path / "demo")
     for _ in range(2):
