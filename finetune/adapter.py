@@ -1,5 +1,6 @@
 """Adapter (v2) fine-tuning with DropBP.  Example: python finetune/adapter.py --dropbp.rate 0.875"""
 
+import fcntl
 import os
 import shutil
 import sys
@@ -16,22 +17,32 @@ from finetune.checkpoint import save_weights, trainable_names
 from finetune.args import DropBPArgs, PLDArgs
 from lit_gpt.adapter_v2 import GPT, Config, mark_only_adapter_v2_as_trainable
 
+FICLONE = 0x40049409  # Linux's ioctl that clones a file's extents (<linux/fs.h>)
+
 
 def finalize(fabric, model, checkpoint_dir: Path, final_dir: Path) -> None:
-    """Like litgpt, the adapter weights alone (``lit_model.pth.adapter_v2``), plus the base weights beside them
-    (``lit_model.pth``, hard-linked when possible), so that ``final/`` is complete on its own:
+    """Like litgpt, the adapter weights alone (``lit_model.pth.adapter_v2``), plus a copy of the base weights beside
+    them (``lit_model.pth``), so that ``final/`` is complete on its own:
     ``litgpt generate_adapter_v2 final --adapter_path final/lit_model.pth.adapter_v2`` and
     ``eval/evaluate.py --checkpoint_dir final`` work on it."""
     trainable = trainable_names(model)
     save_weights(fabric, model, final_dir / "lit_model.pth.adapter_v2", keep=lambda name: name in trainable)
     if fabric.global_rank == 0:
-        base, target = checkpoint_dir / "lit_model.pth", final_dir / "lit_model.pth"
-        target.unlink(missing_ok=True)
-        try:
-            os.link(base, target)
-        except OSError:  # another file system
-            shutil.copyfile(base, target)
+        copy_file(checkpoint_dir / "lit_model.pth", final_dir / "lit_model.pth")
     fabric.barrier()
+
+
+def copy_file(source: Path, target: Path) -> None:
+    """A file of its own, never a link: a later write to a hard link (``torch.save`` truncates the file in place)
+    would destroy the base checkpoint. A copy-on-write clone where the file system has them (btrfs, XFS: instant,
+    no space), else a copy; written under a temporary name and renamed, so a kill leaves no torn file."""
+    tmp = target.with_name(target.name + ".tmp")
+    with open(source, "rb") as src, open(tmp, "wb") as dst:
+        try:
+            fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
+        except OSError:
+            shutil.copyfileobj(src, dst, 16 << 20)
+    os.replace(tmp, target)
 
 
 def setup(

@@ -109,9 +109,30 @@ def load_checkpoint_file(path: Path) -> dict:
                          " re-convert it") from None
 
 
+# inserted into parameter names by FSDP and its activation checkpointing, absent from the state dicts it saves
+FSDP_WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
 def trainable_names(model) -> set:
-    """Names of the trainable parameters as they appear in the saved state dict (without Fabric's wrapper)."""
-    return {n for n, p in getattr(model, "module", model).named_parameters() if p.requires_grad}
+    """Names of the trainable parameters as they appear in the saved state dict (without Fabric's or FSDP's
+    wrappers)."""
+    names = set()
+    for name, p in getattr(model, "module", model).named_parameters():
+        if p.requires_grad:
+            for wrapper in FSDP_WRAPPERS:
+                name = name.replace(wrapper, "")
+            names.add(name)
+    return names
+
+
+def check_complete(path: Path, model) -> None:
+    """Refuse a checkpoint that lacks a trainable tensor: loading it (not strictly: it holds only what trains)
+    would silently leave that tensor at its pretrained value while the optimizer and step count continue."""
+    saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)["model"]
+    missing = sorted(trainable_names(model) - saved.keys())
+    if missing:
+        raise UsageError(f"--resume: {path} lacks {len(missing)} of the model's trainable tensors (e.g. {missing[0]}):"
+                         " it cannot continue this run; resume from another checkpoint or start anew")
 
 
 def save_weights(fabric, model, path: Path, keep: Callable[[str], bool] = lambda name: True) -> None:

@@ -1,5 +1,5 @@
 """The recipes' command line: jsonargparse around a recipe's `setup`, and every failure as one line with its own
-exit status (2 bad input, 3 a failure while running, 130 Ctrl-C)."""
+exit status (2 bad input, 3 a failure while running, 130 Ctrl-C, 143 SIGTERM)."""
 
 import inspect
 import os
@@ -10,21 +10,28 @@ from typing import Callable, Literal, get_args, get_origin
 from jsonargparse import CLI, set_parsing_settings
 from tqdm import tqdm
 
+from finetune.signals import Terminated
+
 
 class UsageError(Exception):
     """Bad input: the CLI prints the message as one line and exits with status 2."""
 
 
 class Interrupted(Exception):
-    """Ctrl-C, after the training state was saved: one line and exit status 130."""
+    """Ctrl-C or SIGTERM (``terminated``), after the training state was saved: one line and exit status 130 or 143."""
+
+    def __init__(self, message: str, terminated: bool = False) -> None:
+        super().__init__(message)
+        self.terminated = terminated
 
 
-EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED = 2, 3, 130
+EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 3, 130, 143
 
 
 def cli(setup: Callable) -> None:
     """jsonargparse CLI around a recipe's `setup`. Every failure is one line on stderr with its own exit status:
-    2 bad input (arguments, files, data), 3 a failure while running (torch, out of memory, ...), 130 Ctrl-C.
+    2 bad input (arguments, files, data), 3 a failure while running (torch, out of memory, ...), 130 Ctrl-C, 143
+    SIGTERM.
     DROPBP_TRACEBACK=1 shows the traceback of a failure instead."""
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # --help shows the dataclass fields' descriptions
     try:
@@ -33,7 +40,9 @@ def cli(setup: Callable) -> None:
     except (UsageError, ValueError, FileNotFoundError) as e:
         fail(f"error: {e}", EXIT_BAD_INPUT)
     except Interrupted as e:
-        fail(f"interrupted: {e}", EXIT_INTERRUPTED)
+        fail(f"terminated: {e}", EXIT_TERMINATED) if e.terminated else fail(f"interrupted: {e}", EXIT_INTERRUPTED)
+    except Terminated:
+        fail("terminated", EXIT_TERMINATED)
     except KeyboardInterrupt:
         fail("interrupted", EXIT_INTERRUPTED)
     except Exception as e:

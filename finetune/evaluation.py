@@ -45,7 +45,7 @@ class Example:
                   f" {self.max_new_tokens} exceed the training length {model.max_seq_length}")
             return
         model.eval()
-        with torch.random.fork_rng(devices=[fabric.device] if fabric.device.type == "cuda" else []):
+        with rng_untouched(fabric):
             with fabric.init_tensor():
                 model.set_kv_cache(batch_size=1)
             output = generate(model, encoded, max_returned_tokens=max_returned, temperature=0.8,
@@ -56,18 +56,25 @@ class Example:
             write(f"{self.record['instruction']} -> {self.tokenizer.decode(output[len(encoded):])!r}")
 
 
+def rng_untouched(fabric):
+    """Torch's RNGs are put back after the block: validating or generating a sample never changes training."""
+    return torch.random.fork_rng(devices=[fabric.device] if fabric.device.type == "cuda" else [])
+
+
 @torch.no_grad()
 def validate(fabric, model, val_loader, max_iters: int, pld_handler=None) -> float:
-    """Validation loss with every branch kept (DropBP never changes the forward; PLD is switched off)."""
+    """Validation loss with every branch kept (DropBP never changes the forward; PLD is switched off). Starting the
+    loader draws its workers' seed from the global RNG: put back, so --eval.interval never changes the losses."""
     model.eval()
     if pld_handler is not None:
         pld_handler.disable()
     losses = []
-    for k, batch in enumerate(val_loader):
-        if k >= max_iters:
-            break
-        logits = model(batch["input_ids"])
-        losses.append(chunked_cross_entropy(logits[..., :-1, :], batch["labels"][..., 1:], chunk_size=0))
+    with rng_untouched(fabric):
+        for k, batch in enumerate(val_loader):
+            if k >= max_iters:
+                break
+            logits = model(batch["input_ids"])
+            losses.append(chunked_cross_entropy(logits[..., :-1, :], batch["labels"][..., 1:], chunk_size=0))
     model.train()
     val_loss = torch.stack(losses).mean()
     return fabric.all_reduce(val_loss, reduce_op="mean").item()

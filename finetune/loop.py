@@ -30,6 +30,7 @@ from finetune.checkpoint import save_on_interrupt, save_training_state, set_rng_
 from finetune.cli import Interrupted, UsageError
 from finetune.evaluation import Example, validate
 from finetune.sensitivity_pass import allocate, probe_batch
+from finetune.signals import Terminated, deferred
 
 
 @dataclass
@@ -71,9 +72,10 @@ def fit(run: Run, restored_rng: Optional[dict] = None) -> None:
     state = training_state(run.handler, run.pld_handler, progress)  # as of the last completed step, for Ctrl-C
     try:
         train_steps(run, train_iter, bar, write, state)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM (finetune/signals.py)
         bar.close()
-        raise Interrupted(save_on_interrupt(fabric, run.model, run.optimizer, state, run.record, run.out_dir)) from None
+        saved = save_on_interrupt(fabric, run.model, run.optimizer, state, run.record, run.out_dir)
+        raise Interrupted(saved, terminated=isinstance(stop, Terminated)) from None
     bar.close()
 
 
@@ -84,16 +86,24 @@ def train_steps(run: Run, train_iter: CycleIterator, bar: tqdm, write: Callable[
     window = StepWindow(fabric.device)
     kept = torch.zeros(len(run.handler.gates), dtype=torch.bool)  # branches back-propagated in this optimizer step
     fit_t0 = time.perf_counter()
+    if progress.pop("after_step_pending", False):  # saved by a stop in the step's after_step: finish that first
+        after_step(run, probe, write)
+        state.update(training_state(run.handler, run.pld_handler, progress))
     while progress["step"] < run.max_steps:
         if run.train.epochs is not None and train_iter.epoch >= run.train.epochs:
             break
         step_t0 = time.perf_counter()
         for _ in range(run.accum):
             micro_batch(run, next(train_iter), window, kept)
-        lr = optimizer_step(run, kept)
-        saving = run.train.save_interval is not None and progress["step"] % run.train.save_interval == 0
-        if progress["step"] % run.train.log_interval == 0 or saving:  # values are read here, and only here
-            report(run, window, bar, lr, train_iter.epoch, time.perf_counter() - step_t0)
+        saving = run.train.save_interval is not None and (progress["step"] + 1) % run.train.save_interval == 0
+        with deferred():  # a stop saves (and logs) this step only once the state saved with it describes it too
+            lr = optimizer_step(run, kept)
+            state.update(training_state(run.handler, run.pld_handler, progress))
+            # A stop in after_step (validation, the sample, the sensitivity pass) saves this step's weights: the
+            # resumed run runs after_step first. after_step never draws from the RNGs that the state holds.
+            state["progress"]["after_step_pending"] = True
+            if progress["step"] % run.train.log_interval == 0 or saving:  # values are read here, and only here
+                report(run, window, bar, lr, train_iter.epoch, time.perf_counter() - step_t0)
         window.reset()
         bar.update(1)
         after_step(run, probe, write)

@@ -1,5 +1,7 @@
-"""Faults: a run killed with SIGKILL resumes with `--resume auto` and logs the losses of an uninterrupted run; a
-diverged loss stops the run with one clear line; the same command twice gives the same loss curve."""
+"""Faults: a run killed with SIGKILL or stopped by SIGTERM or Ctrl-C anywhere (a step, validation, the sample's
+generation, the sensitivity pass, a save) resumes with `--resume auto` and logs the losses of an uninterrupted run;
+evaluation never changes training; a diverged loss stops the run with one clear line; the same command twice gives
+the same loss curve."""
 
 import csv
 import os
@@ -14,7 +16,7 @@ import pytest
 import torch
 from litgpt.args import EvalArgs, TrainArgs
 
-from finetune import lora
+from finetune import evaluation, lora, loop, sensitivity_pass, trainer
 from finetune.args import DropBPArgs
 from lit_gpt.data import Builtin
 
@@ -65,43 +67,53 @@ def assert_checkpoints_load(out_dir: Path) -> None:
         assert all(torch.isfinite(v).all() for v in state["model"].values()), path
 
 
-def test_sigkill_then_resume_auto_loses_at_most_the_unsaved_steps(tmp_path):
-    uninterrupted, killed = tmp_path / "uninterrupted", tmp_path / "killed"
-    reference = start(uninterrupted)
-    victim = start(killed)
-
-    # SIGKILL after a random number of saves (1 to 3) plus a random part of a step: possibly in the middle of a save
+def test_sigkill_or_sigterm_then_resume_auto_gives_the_uninterrupted_run(tmp_path):
+    """SIGKILL loses at most the steps since the last save; SIGTERM (a cluster's preemption) saves the last completed
+    step first and exits with 143. Either way the resumed run logs the uninterrupted run's losses and ends with its
+    weights. Both victims run beside the uninterrupted run, each stopped after a random number of saves plus a random
+    part of a step (possibly in the middle of a save)."""
+    reference = start(tmp_path / "uninterrupted")
+    victims = {sig: (tmp_path / sig.name, start(tmp_path / sig.name)) for sig in (signal.SIGKILL, signal.SIGTERM)}
     rng = random.Random()
-    saves, delay = rng.randint(1, 3), rng.uniform(0.0, 0.3)
-    deadline = time.monotonic() + 180
-    while len(saved_steps(killed)) < saves:
-        assert victim.poll() is None, f"the run ended before {saves} saves: {victim.stderr.read()[-2000:]}"
-        assert time.monotonic() < deadline, "no checkpoint written in time"
-        time.sleep(0.02)
-    time.sleep(delay)
-    victim.send_signal(signal.SIGKILL)
-    assert finish(victim)[0] == -signal.SIGKILL, f"the run finished before the kill ({saves} saves + {delay:.2f}s)"
-    assert not (killed / "final").exists()
-    assert_checkpoints_load(killed)
-    last_saved = saved_steps(killed)[-1]
-    logged_before_kill = losses(killed, 0)
-    killed_at = f"killed after {saves} saves + {delay:.2f}s, last save at step {last_saved}"
-    # only unsaved steps are lost: a kill during the save of step N loses that save, so at most SAVE_INTERVAL steps
-    assert max(logged_before_kill, default=0) - last_saved <= SAVE_INTERVAL, killed_at
-
-    code, out, err = finish(start(killed, "--resume", "auto"))
-    assert code == 0, f"{killed_at}: {err[-2000:]}"
-    assert f"Resumed from {killed / f'step-{last_saved:06d}' / 'training_state.pth'} at step {last_saved}" in out
+    stopped = {}
+    for sig, (out_dir, victim) in victims.items():
+        saves, delay = rng.randint(1, 3), rng.uniform(0.0, 0.3)
+        deadline = time.monotonic() + 180
+        while len(saved_steps(out_dir)) < saves:
+            assert victim.poll() is None, f"the run ended before {saves} saves: {victim.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, "no checkpoint written in time"
+            time.sleep(0.02)
+        time.sleep(delay)
+        victim.send_signal(sig)
+        stopped[sig] = f"{sig.name} after {saves} saves + {delay:.2f}s"
     assert finish(reference)[0] == 0
-    expected = losses(uninterrupted, 0)
+    expected = losses(tmp_path / "uninterrupted", 0)
     assert sorted(expected) == list(range(1, MAX_STEPS + 1))
-    resumed = losses(killed, 1)
-    assert sorted(resumed) == list(range(last_saved + 1, MAX_STEPS + 1)), killed_at
-    assert resumed == {s: expected[s] for s in resumed}, killed_at
-    # the same command: the same losses before the kill
-    assert logged_before_kill == {s: expected[s] for s in logged_before_kill}, killed_at
-    assert_checkpoints_load(killed)
-    assert (killed / "final" / "lit_model.pth").is_file()
+    expected_weights = torch.load(tmp_path / "uninterrupted" / "final" / "lit_model.pth.lora", weights_only=True)
+
+    for sig, (out_dir, victim) in victims.items():
+        code, out, err = finish(victim)
+        assert code == {signal.SIGKILL: -signal.SIGKILL, signal.SIGTERM: 143}[sig], \
+            f"{stopped[sig]}: the run finished before the signal, or failed: {err[-2000:]}"
+        assert not (out_dir / "final").exists()
+        assert_checkpoints_load(out_dir)
+        last_saved = saved_steps(out_dir)[-1]
+        logged_before = losses(out_dir, 0)
+        if sig == signal.SIGKILL:  # a kill in the save of step N loses that save: at most SAVE_INTERVAL steps lost
+            assert max(logged_before, default=0) - last_saved <= SAVE_INTERVAL, stopped[sig]
+        else:  # nothing lost: the last logged step is saved
+            assert err.strip().splitlines()[-1].startswith("terminated: ") and "Traceback" not in err
+            assert max(logged_before) == last_saved, (stopped[sig], err[-2000:])
+        code, out, err = finish(start(out_dir, "--resume", "auto"))
+        assert code == 0, f"{stopped[sig]}: {err[-2000:]}"
+        assert f"Resumed from {out_dir / f'step-{last_saved:06d}' / 'training_state.pth'} at step {last_saved}" in out
+        resumed = losses(out_dir, 1)
+        assert sorted(resumed) == list(range(last_saved + 1, MAX_STEPS + 1)), stopped[sig]
+        assert resumed == {s: expected[s] for s in resumed}, stopped[sig]
+        assert logged_before == {s: expected[s] for s in logged_before}, stopped[sig]  # the same command
+        weights = torch.load(out_dir / "final" / "lit_model.pth.lora", weights_only=True)
+        assert all(torch.equal(weights[k], expected_weights[k]) for k in expected_weights), stopped[sig]
+        assert_checkpoints_load(out_dir)
 
 
 @pytest.mark.parametrize(
@@ -139,3 +151,136 @@ def test_same_command_twice_gives_the_same_loss_curve(tmp_path):
 
     first, second = run(tmp_path / "first"), run(tmp_path / "second")
     assert len(first[0]) == 4 and first == second
+
+
+# ------------------------------------------------------------- a stop anywhere in a step, in-process: exact resume
+STOP_AT = 3  # the sensitivity pass runs after this step (0.5 of 6): every kind of after-step work happens here
+
+
+def stop_run(out_dir: Path, **kwargs) -> None:
+    lora.setup(
+        out_dir=out_dir, data=Builtin(num_samples=64), dropbp=DropBPArgs(rate=0.5, sensitivity_at=0.5),
+        train=TrainArgs(global_batch_size=4, micro_batch_size=2, lr_warmup_steps=1, max_steps=6, save_interval=2,
+                        log_interval=1, min_lr=0.0, max_seq_length=64),
+        **{"eval": EvalArgs(interval=1, max_iters=2, max_new_tokens=4, final_validation=False), **kwargs},
+    )
+
+
+def outcome(out_dir: Path) -> tuple:
+    """Every logged value by step (text, compared exactly; a resumed run's versions merged) and the trained tensors."""
+    rows = {}
+    for path in sorted(out_dir.glob("logs/csv/version_*/metrics.csv")):
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                for key in ("loss", "drop_rate", "val_loss"):
+                    if row.get(key):
+                        rows[(int(row["step"]), key)] = row[key]
+    return rows, torch.load(out_dir / "final" / "lit_model.pth.lora", weights_only=True)
+
+
+def same_outcome(a: tuple, b: tuple) -> bool:
+    return a[0] == b[0] and a[1].keys() == b[1].keys() and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple:
+    out_dir = tmp_path_factory.mktemp("uninterrupted")
+    stop_run(out_dir)
+    return outcome(out_dir)
+
+
+def test_evaluation_never_changes_training(tmp_path, uninterrupted):
+    """Validation at every step with a sample generated, or never: the same losses and weights, bit for bit (the
+    validation loader used to draw its seed from the training RNG)."""
+    stop_run(tmp_path, eval=EvalArgs(interval=1000, max_new_tokens=0, final_validation=False))
+    rows, weights = outcome(tmp_path)
+    assert sorted(s for s, key in rows if key == "loss") == [1, 2, 3, 4, 5, 6]
+    assert same_outcome(({k: v for k, v in uninterrupted[0].items() if k[1] != "val_loss"}, uninterrupted[1]),
+                        (rows, weights))
+
+
+def stop_in_validation(monkeypatch):
+    calls = []
+
+    def validating_then_stopped(*args, **kwargs):
+        value = validate(*args, **kwargs)
+        calls.append(value)
+        if len(calls) == STOP_AT:
+            raise KeyboardInterrupt
+        return value
+
+    validate = loop.validate
+    monkeypatch.setattr(loop, "validate", validating_then_stopped)
+
+
+def stop_in_generation(monkeypatch):
+    generate, calls = evaluation.Example.generate, []
+
+    def generating_then_stopped(self, fabric, model, write):
+        calls.append(generate(self, fabric, model, write))
+        if len(calls) == STOP_AT:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation.Example, "generate", generating_then_stopped)
+
+
+def stop_in_sensitivity_pass(monkeypatch):
+    compute = sensitivity_pass.compute_sensitivity
+
+    def stopped_at_the_third_probe(handler, model, probe_loss, **kwargs):
+        probes = []
+
+        def counted():
+            probes.append(1)
+            if len(probes) == 3:
+                raise KeyboardInterrupt
+            return probe_loss()
+
+        return compute(handler, model, counted, **kwargs)
+
+    monkeypatch.setattr(sensitivity_pass, "compute_sensitivity", stopped_at_the_third_probe)
+
+
+def sigterm_in_optimizer_step(monkeypatch):
+    step = loop.optimizer_step
+
+    def terminated_midway(run, kept):
+        if run.progress["step"] == STOP_AT - 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # held until the step and its bookkeeping are done
+        return step(run, kept)
+
+    monkeypatch.setattr(loop, "optimizer_step", terminated_midway)
+
+
+@pytest.mark.parametrize("stop", [stop_in_validation, stop_in_generation, stop_in_sensitivity_pass,
+                                  sigterm_in_optimizer_step], ids=lambda f: f.__name__)
+def test_a_stop_anywhere_in_a_step_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch, uninterrupted, stop):
+    """Ctrl-C in validation, in the sample's generation or in the sensitivity pass, or SIGTERM in an optimizer step:
+    the step's weights are saved as that step (the work after it runs first on resume), and the resumed run logs the
+    uninterrupted run's values and ends with its weights. Before, the weights after step N+1 were saved as step N."""
+    with monkeypatch.context() as patches:
+        stop(patches)
+        with pytest.raises(trainer.Interrupted, match=f"step-{STOP_AT:06d}/training_state.pth holds step {STOP_AT}")\
+                as stopped:
+            stop_run(tmp_path)
+    assert stopped.value.terminated == (stop is sigterm_in_optimizer_step)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run's handlers are gone with it
+    stop_run(tmp_path, resume="auto")
+    resumed = outcome(tmp_path)
+    assert sorted(s for s, key in resumed[0] if key == "loss") == [1, 2, 3, 4, 5, 6]
+    assert same_outcome(resumed, uninterrupted)
+
+
+def test_resume_refuses_a_checkpoint_missing_a_trainable_tensor(tmp_path):
+    """Loading is not strict (a checkpoint holds only what trains): a missing tensor would silently stay at its
+    pretrained value while the optimizer and the step count continue. Refused in one line."""
+    stop_run(tmp_path, eval=EvalArgs(interval=1000, max_new_tokens=0, final_validation=False))
+    path = tmp_path / "step-000002" / "training_state.pth"
+    state = torch.load(path, weights_only=True)
+    dropped = sorted(state["model"])[0]
+    del state["model"][dropped]
+    torch.save(state, path)
+    with pytest.raises(trainer.UsageError) as refused:
+        stop_run(tmp_path, resume=path)
+    message = str(refused.value)
+    assert f"lacks 1 of the model's trainable tensors (e.g. {dropped})" in message and "\n" not in message
