@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import torch
 
 from finetune.cli import UsageError
-from finetune.out_dir import finished_run_refusal, write_record
+from finetune.out_dir import write_record
 
 
 def get_rng_state() -> dict:
@@ -62,11 +62,10 @@ def save_on_interrupt(fabric, model, optimizer, state: dict, record: dict, out_d
     return "nothing saved yet" if step == 0 else f"steps since the last checkpoint are lost (step {step})"
 
 
-def find_resume_path(out_dir: Path, resume: bool | str | Path, warn: Callable[[str], None] = print,
-                     record: Optional[dict] = None) -> Optional[Path]:
+def find_resume_path(out_dir: Path, resume: bool | str | Path, warn: Callable[[str], None] = print) -> Optional[Path]:
     """The checkpoint to resume from. ``auto``: the latest that loads; a torn or corrupt one is skipped with a
     warning (the previous intact one is used), and an out_dir with none starts from scratch, said so, unless it holds
-    a finished run (``final/``), which is refused rather than replaced. Checkpoints are read as tensors and plain
+    a ``final/`` (finished runs are found before: `out_dir.finished_run`), which is never replaced. Checkpoints are read as tensors and plain
     values only (``weights_only``): unpickling an arbitrary file in the out_dir could run any code."""
     if resume is False or resume in ("false", "False", None):
         return None
@@ -76,8 +75,9 @@ def find_resume_path(out_dir: Path, resume: bool | str | Path, warn: Callable[[s
             if problem is None:
                 return path
             warn(f"warning: {path} cannot be read ({problem}); trying the previous checkpoint")
-        if (out_dir / "final").exists():
-            raise UsageError(finished_run_refusal(out_dir, record or {}))
+        if (out_dir / "final").exists():  # killed while writing final/, with nothing saved before
+            raise UsageError(f"--resume auto: {out_dir} holds an incomplete final/ and no step-* checkpoint to"
+                             " continue: --overwrite true replaces it, or use another --out_dir")
         warn(f"--resume auto: no checkpoint in {out_dir}, starting from scratch")
         return None
     path = Path(resume).expanduser().resolve()

@@ -1,10 +1,14 @@
-"""A run's --out_dir: the atomic claim (an OS lock held for the run's life), the recorded options
-(``hyperparameters.yaml``, the recipe's --config format) and what resuming may not change."""
+"""A run's --out_dir: the atomic claim (an OS lock held for the run's life, and a lease it refreshes), the recorded
+options (``hyperparameters.yaml``, the recipe's --config format) and what resuming may not change."""
 
+import math
 import os
 import shutil
 import socket
-from dataclasses import asdict, dataclass, fields, is_dataclass
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -17,10 +21,19 @@ from finetune.cli import UsageError
 LOCK = "run.lock"
 
 
+LEASE = 120.0  # seconds a run.lock of another host stays valid without a refresh (DROPBP_LOCK_LEASE overrides it)
+
+
 RECORD = "hyperparameters.yaml"  # litgpt's name: its tools (merge_lora) read the LoRA options from it
 
 
-RESUME_MUST_MATCH = ("method", "dropbp", "pld")  # options a resumed run may not change
+# options a resumed run may not change: every option of a group (None), or the ones listed (the schedule, which the
+# learning rate and the data position follow)
+RESUME_MUST_MATCH = {
+    "method": None, "dropbp": None, "pld": None, "optimizer": None,
+    "train": ("global_batch_size", "micro_batch_size", "max_steps", "epochs", "lr_warmup_steps", "lr_warmup_fraction",
+              "min_lr", "max_seq_length"),
+}
 
 
 def run_record(method, opts) -> dict:
@@ -67,16 +80,22 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def changed_options(saved: dict, current: dict) -> list:
-    """The DropBP, PLD and method options that differ between two run records, as ``group.key old -> new``."""
-    return [
-        f"{group}.{key} {saved.get(group, {}).get(key)!r} -> {value!r}"
-        for group in RESUME_MUST_MATCH for key, value in current.get(group, {}).items()
-        if saved.get(group, {}).get(key) != value
-    ]
+    """The options of `RESUME_MUST_MATCH` that differ between two run records, as ``group.key old -> new``."""
+    changed = []
+    for group, keys in RESUME_MUST_MATCH.items():
+        old, new = saved.get(group), current.get(group)
+        if not isinstance(new, dict):  # the optimizer: a name or a config
+            changed += [f"{group} {old!r} -> {new!r}"] if old != new else []
+            continue
+        old = old if isinstance(old, dict) else {}
+        changed += [f"{group}.{key} {old.get(key)!r} -> {new.get(key)!r}" for key in keys or new
+                    if old.get(key) != new.get(key)]
+    return changed
 
 
 def check_resumed_options(saved: Optional[dict], current: dict, path: Path) -> None:
-    """Resuming with other DropBP, PLD or method options would silently train with the saved ones: refuse."""
+    """Resuming with other DropBP, PLD, method or optimizer options or another schedule would silently train with
+    the saved ones, or restart the schedule: refuse."""
     if saved is None:  # a checkpoint from before options were recorded
         return
     changed = changed_options(saved, current)
@@ -85,35 +104,55 @@ def check_resumed_options(saved: Optional[dict], current: dict, path: Path) -> N
                          " saved ones, or start a new run in another --out_dir")
 
 
-def finished_run_refusal(out_dir: Path, current: dict) -> str:
-    """Why ``--resume auto`` may not start an out_dir that holds ``final/`` but no checkpoint anew: it would replace
-    a finished run (naming the options that differ from the ones it was trained with)."""
+def finished_run(out_dir: Path, current: dict) -> bool:
+    """Whether ``out_dir`` holds a finished run: ``final/``'s record is written last. ``--resume auto`` then has
+    nothing to do; with other options (a longer schedule included) it is refused, naming them."""
+    path = out_dir / "final" / RECORD
+    if not path.is_file():
+        return False
     try:
-        flat = yaml.safe_load((out_dir / "final" / RECORD).read_text()) or {}
+        flat = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError):
         flat = {}
     # final/'s record is in the recipe's --config form: the method's options at the top level
-    saved = {"dropbp": flat.get("dropbp", {}), "pld": flat.get("pld", {}),
-             "method": {k: flat.get(k) for k in current.get("method", {}) if k != "name"}}
-    changed = changed_options(saved, {**current, "method": {k: v for k, v in current.get("method", {}).items()
-                                                            if k != "name"}})
-    other = f"; it was trained with other options ({'; '.join(changed)})" if flat and changed else ""
-    return (f"--resume auto: {out_dir} holds a finished run (final/) and no step-* checkpoint to continue{other}:"
-            " --overwrite true replaces it, or use another --out_dir")
+    method = {k: v for k, v in current.get("method", {}).items() if k != "name"}
+    changed = changed_options({**flat, "method": {k: flat.get(k) for k in method}}, {**current, "method": method})
+    if flat and changed:
+        raise UsageError(f"--resume auto: {out_dir} holds a run finished with other options ({'; '.join(changed)}):"
+                         " --overwrite true replaces it, or use another --out_dir")
+    return True
 
 
 @dataclass
 class Claim:
     """A run's hold on its out_dir: an OS lock on ``run.lock``, held open for the run's life (the OS frees it when
-    the process dies, however it dies), and whether this run made the directory."""
+    the process dies, however it dies), a daemon thread that refreshes the lease written in it (``flock`` may not
+    reach other hosts of a shared file system; the lease does), and whether this run made the directory."""
 
     out_dir: Path
     created: bool
     lock_fd: int
+    stop: threading.Event = field(default_factory=threading.Event, init=False)
+    refresher: threading.Thread = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.refresher = threading.Thread(target=self.refresh, args=(lease_seconds() / 4,), daemon=True,
+                                          name=f"lease of {self.out_dir / LOCK}")
+        self.refresher.start()
+
+    def refresh(self, every: float) -> None:
+        while not self.stop.wait(every):
+            try:
+                os.pwrite(self.lock_fd, lock_stamp(), 0)  # same length each time: no truncation a reader could see
+            except OSError:  # a passing file-system error: the next tick tries again
+                pass
 
     def release(self) -> None:
-        """Drop the lock; a directory this run made and never started training in (refused or failed in set-up:
-        ``hyperparameters.yaml`` is written just before the first step) is removed rather than left empty."""
+        """Stop refreshing and drop the lock; a directory this run made and never started training in (refused or
+        failed in set-up: ``hyperparameters.yaml`` is written just before the first step) is removed rather than left
+        empty."""
+        self.stop.set()
+        self.refresher.join()  # before the descriptor is closed: it could be reused by another file
         if self.created and not (self.out_dir / RECORD).exists():
             shutil.rmtree(self.out_dir, ignore_errors=True)  # the lock file with it, while still held
         else:
@@ -144,9 +183,10 @@ def claim_out_dir(out_dir: Path, resume, overwrite: bool) -> tuple[Optional[str]
 
 
 def take_lock(path: Path) -> tuple[Optional[int], Optional[str]]:
-    """An exclusive, non-blocking ``flock`` on ``path`` (created if missing), with this host and pid written in it:
-    (the open descriptor, None), or (None, why not). A lock file naming another host is respected too: ``flock``
-    may not reach across the hosts of a shared file system."""
+    """An exclusive, non-blocking ``flock`` on ``path`` (created if missing), with this host, pid and time written in
+    it: (the open descriptor, None), or (None, why not and how to take it over by hand). ``flock`` may not reach
+    across the hosts of a shared file system, so a lock naming another host is respected while its lease lasts
+    (`Claim` refreshes it); an expired one is taken over with a warning."""
     import fcntl
 
     while True:
@@ -154,10 +194,10 @@ def take_lock(path: Path) -> tuple[Optional[int], Optional[str]]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            owner = os.read(fd, 256).decode(errors="replace").split()
+            holder = lock_holder(fd)
             os.close(fd)
-            who = f"pid {owner[1]} on {owner[0]}" if len(owner) == 2 else "another process"
-            return None, f"{path.parent} is in use by a running run ({who}; {path})"
+            who = f"pid {holder[1]} on {holder[0]}" if holder else "another process"
+            return None, f"{path.parent} is in use by a running run ({who}): if that run is gone, delete {path}"
         try:
             same_file = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:  # the holder released and removed it between our open and our lock
@@ -165,10 +205,34 @@ def take_lock(path: Path) -> tuple[Optional[int], Optional[str]]:
         if same_file:
             break
         os.close(fd)
-    owner = os.read(fd, 256).decode(errors="replace").split()
-    if len(owner) == 2 and owner[0] != socket.gethostname():
-        os.close(fd)
-        return None, f"{path.parent} is in use by a running run (pid {owner[1]} on {owner[0]}; {path})"
+    holder = lock_holder(fd)
+    if holder and holder[0] != socket.gethostname():  # on this host, the free flock says its run is gone
+        age, lease = time.time() - holder[2], lease_seconds()
+        if age < lease:
+            os.close(fd)
+            return None, (f"{path.parent} is in use by a running run (pid {holder[1]} on {holder[0]}): if that run"
+                          f" is gone, delete {path}, or wait {math.ceil(lease - age)}s for its lease to expire")
+        print(f"warning: taking over {path} from pid {holder[1]} on {holder[0]}: its lease expired (last refreshed"
+              f" {age:.0f}s ago)", file=sys.stderr)
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{socket.gethostname()} {os.getpid()}".encode(), 0)
+    os.pwrite(fd, lock_stamp(), 0)
     return fd, None
+
+
+def lock_holder(fd: int) -> Optional[tuple[str, str, float]]:
+    """(host, pid, unix time of its last refresh) written in a lock file, or None when it names no one."""
+    words = os.pread(fd, 256, 0).decode(errors="replace").split()
+    if len(words) < 2:
+        return None
+    try:
+        return words[0], words[1], float(words[2])
+    except (IndexError, ValueError):  # the old "host pid" form has no time: the file's mtime stands in
+        return words[0], words[1], os.fstat(fd).st_mtime
+
+
+def lock_stamp() -> bytes:
+    return f"{socket.gethostname()} {os.getpid()} {time.time():.3f}".encode()
+
+
+def lease_seconds() -> float:
+    return float(os.environ.get("DROPBP_LOCK_LEASE", LEASE))

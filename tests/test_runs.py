@@ -2,8 +2,11 @@
 checkpoint, Ctrl-C, the recorded options, choice options and --help."""
 
 import os
+import shutil
+import re
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ from tests.test_recipes import fast, logged, run_cli
 
 
 def test_a_used_out_dir_is_refused_unless_resumed_or_overwritten(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("DROPBP_LOCK_LEASE", raising=False)
     lora.setup(**fast(tmp_path, max_steps=2))
     first = (tmp_path / "final" / "lit_model.pth").read_bytes()
     with pytest.raises(trainer.UsageError, match="already holds a run .*--resume auto.*--overwrite true"):
@@ -34,9 +38,44 @@ def test_a_used_out_dir_is_refused_unless_resumed_or_overwritten(tmp_path, monke
     os.close(held)  # killed: the OS frees its lock, the file stays behind, stale
     assert (tmp_path / outdir.LOCK).exists()
     lora.setup(**fast(tmp_path, max_steps=2), dropbp=DropBPArgs(rate=0.5), resume="auto")
-    (tmp_path / outdir.LOCK).write_text("another-host 12345")  # a run on another host of a shared file system
-    with pytest.raises(trainer.UsageError, match="in use by a running run \\(pid 12345 on another-host"):
+    lock = tmp_path / outdir.LOCK
+    lock.write_text(f"another-host 12345 {time.time():.3f}")  # a live run on another host of a shared file system
+    with pytest.raises(trainer.UsageError, match=re.escape(
+            f"in use by a running run (pid 12345 on another-host): if that run is gone, delete {lock}, or wait ")
+            + r"(1[01]\d|120)s for its lease to expire$"):
         lora.setup(**fast(tmp_path, max_steps=2), overwrite=True)
+    lock.write_text(f"another-host 12345 {time.time() - 600:.3f}")  # preempted there ten minutes ago
+    capsys.readouterr()
+    lora.setup(**fast(tmp_path, max_steps=2), overwrite=True)  # restarted here: takes it over, with one warning
+    warnings = [line for line in capsys.readouterr().err.splitlines() if str(lock) in line]
+    assert len(warnings) == 1 and re.fullmatch(re.escape(f"warning: taking over {lock} from pid 12345 on another-host:"
+                                                         " its lease expired (last refreshed ") + r"60\ds ago\)",
+                                               warnings[0])
+    assert sorted(logged(tmp_path)) == [1, 2] and not lock.exists()
+
+
+def test_a_running_claim_refreshes_its_lease_and_an_old_format_lock_expires_by_its_mtime(tmp_path, monkeypatch,
+                                                                                         capsys):
+    monkeypatch.setenv("DROPBP_LOCK_LEASE", "60")
+    lock = tmp_path / outdir.LOCK
+    lock.write_text("other-node 4242")  # the old "host pid" form: its mtime is the last refresh
+    problem, claim = outdir.claim_out_dir(tmp_path, resume=False, overwrite=False)
+    assert claim is None and re.search(f"delete {re.escape(str(lock))}, or wait [56]\\ds for its lease to expire$",
+                                       problem)
+    monkeypatch.setenv("DROPBP_LOCK_LEASE", "0.4")
+    os.utime(lock, (time.time() - 1, time.time() - 1))
+    problem, claim = outdir.claim_out_dir(tmp_path, resume=False, overwrite=False)
+    assert problem is None and capsys.readouterr().err.count("warning: taking over") == 1
+    stamps = []
+    for _ in range(3):
+        time.sleep(0.3)
+        host, pid, refreshed = lock.read_text().split()
+        stamps.append(float(refreshed))
+    assert pid == str(os.getpid()) and stamps == sorted(stamps) and stamps[0] < stamps[-1]  # refreshed while held
+    problem, other = outdir.claim_out_dir(tmp_path, resume=False, overwrite=False)  # its flock is held too
+    assert other is None and problem.endswith(f"if that run is gone, delete {lock}")
+    claim.release()
+    assert not claim.refresher.is_alive() and not any(t.name.startswith("lease of") for t in threading.enumerate())
 
 
 def test_two_runs_started_at_once_into_one_out_dir_cannot_both_take_it(tmp_path):
@@ -86,28 +125,47 @@ def test_a_run_refused_or_failed_before_training_leaves_no_empty_out_dir(tmp_pat
     assert kept.is_dir()  # the user's own (empty) directory stays
 
 
-def test_resume_auto_never_replaces_a_finished_run(tmp_path):
-    """A run saved only final/ (fewer steps than --train.save_interval): --resume auto has nothing to continue, and
-    starting anew would replace final/. Refused in one line, naming the changed options; final/ untouched."""
-    lora.setup(**fast(tmp_path, max_steps=2, save_interval=100), dropbp=DropBPArgs(rate=0.875))
-    final = (tmp_path / "final" / "lit_model.pth").read_bytes()
-    with pytest.raises(trainer.UsageError) as refused:
-        lora.setup(**fast(tmp_path, max_steps=2, save_interval=100), dropbp=DropBPArgs(rate=0.5, sampling="fixed"),
-                   resume="auto")
-    message = str(refused.value)
-    assert "holds a finished run (final/) and no step-* checkpoint" in message and "\n" not in message
-    assert "dropbp.rate 0.875 -> 0.5; dropbp.sampling 'bernoulli' -> 'fixed'" in message
-    assert "--overwrite true" in message
-    with pytest.raises(trainer.UsageError, match="finished run") as same_options:
-        lora.setup(**fast(tmp_path, max_steps=2, save_interval=100), dropbp=DropBPArgs(rate=0.875), resume="auto")
-    assert "other options" not in str(same_options.value)
-    assert (tmp_path / "final" / "lit_model.pth").read_bytes() == final
+def test_resume_auto_on_a_finished_run_touches_nothing_and_a_changed_schedule_is_refused(tmp_path, capsys):
+    """A finished run (final/ complete, with or without step checkpoints; a preempted job restarted too late):
+    --resume auto says so and touches nothing. With other options, a longer schedule included, it is refused in one
+    line naming them; so is an unfinished run resumed with another schedule. Before, the finished run was trained
+    again from its last checkpoint ("this run learned nothing") and final/ rewritten, and a raised
+    --train.max_steps silently restarted the schedule."""
+    for name, save_interval in (("no-checkpoint", 100), ("checkpointed", 1)):
+        out = tmp_path / name
+        lora.setup(**fast(out, max_steps=2, save_interval=save_interval), dropbp=DropBPArgs(rate=0.875))
+        final = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in (out / "final").iterdir()}
+        capsys.readouterr()
+        lora.setup(**fast(out, max_steps=2, save_interval=save_interval), dropbp=DropBPArgs(rate=0.875), resume="auto")
+        printed = capsys.readouterr().out
+        assert f"--resume auto: {out} holds a finished run (final/): nothing to do" in printed
+        assert "learned nothing" not in printed and "Resumed" not in printed
+        assert {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in (out / "final").iterdir()} == final
+        assert len(list(out.glob("logs/csv/version_*"))) == 1 and not (out / outdir.LOCK).exists()
+        with pytest.raises(trainer.UsageError) as refused:
+            lora.setup(**fast(out, max_steps=4, save_interval=save_interval),
+                       dropbp=DropBPArgs(rate=0.5, sampling="fixed"), resume="auto")
+        message = str(refused.value)
+        assert "holds a run finished with other options" in message and "\n" not in message
+        assert "dropbp.rate 0.875 -> 0.5; dropbp.sampling 'bernoulli' -> 'fixed'; train.max_steps 2 -> 4" in message
+        assert "--overwrite true" in message
+        assert {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in (out / "final").iterdir()} == final
+
+    unfinished = tmp_path / "checkpointed"
+    shutil.rmtree(unfinished / "final")  # killed after its last save
+    with pytest.raises(trainer.UsageError, match="other options \\(train.max_steps 2 -> 4\\)"):
+        lora.setup(**fast(unfinished, max_steps=4, save_interval=1), dropbp=DropBPArgs(rate=0.875), resume="auto")
+    torn = tmp_path / "no-checkpoint"
+    (torn / "final" / outdir.RECORD).unlink()  # killed while writing final/, nothing saved before
+    with pytest.raises(trainer.UsageError, match="holds an incomplete final/ and no step-\\* checkpoint"):
+        lora.setup(**fast(torn, max_steps=2, save_interval=100), dropbp=DropBPArgs(rate=0.875), resume="auto")
 
 
 def test_resume_reads_checkpoints_as_weights_only(tmp_path, capsys):
     """A training_state.pth whose pickle would run code is never unpickled: skipped by --resume auto, refused when
     named."""
-    lora.setup(**fast(tmp_path, max_steps=2, save_interval=2))
+    lora.setup(**fast(tmp_path, max_steps=3, save_interval=2))
+    shutil.rmtree(tmp_path / "final")  # as if killed after the save of step 2
 
     marker = tmp_path / "code-ran"
 
@@ -122,7 +180,7 @@ def test_resume_reads_checkpoints_as_weights_only(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"warning: {rogue} cannot be read (UnpicklingError)" in out and "step-000002" in out
     with pytest.raises(trainer.UsageError, match="cannot be read as a training state \\(UnpicklingError\\)"):
-        lora.setup(**fast(tmp_path, max_steps=4, save_interval=2), resume=rogue.parent)
+        lora.setup(**fast(tmp_path, max_steps=3, save_interval=2), resume=rogue.parent)
     assert not marker.exists()
 
 
@@ -139,8 +197,8 @@ def test_options_are_recorded_and_resume_with_other_options_is_refused(tmp_path,
     with pytest.raises(trainer.UsageError, match=r"dropbp.rate 0.875 -> 0.5; dropbp.sampling 'bernoulli' -> 'fixed'"):
         lora.setup(**fast(tmp_path, max_steps=4), dropbp=DropBPArgs(rate=0.5, sampling="fixed"), lora_r=4,
                    resume="auto")
-    lora.setup(**fast(tmp_path, max_steps=3), dropbp=DropBPArgs(rate=0.875), lora_r=4, resume="auto")
-    assert sorted(logged(tmp_path)) == [1, 2, 3]
+    with pytest.raises(trainer.UsageError, match=r"other options \(train.max_steps 2 -> 3\)"):  # the schedule too
+        lora.setup(**fast(tmp_path, max_steps=3), dropbp=DropBPArgs(rate=0.875), lora_r=4, resume="auto")
 
     empty = tmp_path / "empty"
     lora.setup(**fast(empty, max_steps=1), resume="auto")
@@ -148,7 +206,8 @@ def test_options_are_recorded_and_resume_with_other_options_is_refused(tmp_path,
 
 
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
-    lora.setup(**fast(tmp_path, max_steps=4))  # saves steps 2 and 4
+    lora.setup(**fast(tmp_path, max_steps=5))  # saves steps 2 and 4
+    shutil.rmtree(tmp_path / "final")  # as if killed in step 5
     latest = tmp_path / "step-000004" / "training_state.pth"
     latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # torn
     lora.setup(**fast(tmp_path, max_steps=5), resume="auto")
