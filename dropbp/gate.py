@@ -85,3 +85,12 @@ def add_branch(branch_out: Optional[torch.Tensor], x: torch.Tensor) -> torch.Ten
 def find_gates(model: nn.Module) -> list:
     """Every gate of the model, in module order (block 0 attention, block 0 MLP, block 1 attention, ...)."""
     return [m for m in model.modules() if isinstance(m, DropBPGate)]
+
+
+def no_gates_message(model: nn.Module, used_for: str) -> str:
+    """What to do about a model without gates: a Transformers model (PEFT-wrapped too) needs ``install_gates``."""
+    if any(type(m).__module__.startswith("transformers.") for m in model.modules()):
+        how = "call dropbp.integrations.transformers.install_gates(model)"
+    else:
+        how = "build it from lit_gpt or add DropBPGate modules to its blocks"
+    return f"the model has no DropBPGate: {how} before using {used_for}"

@@ -5,7 +5,7 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
-from dropbp.gate import DropBPGate, find_gates
+from dropbp.gate import DropBPGate, find_gates, no_gates_message
 
 SAMPLING_MODES = ("bernoulli", "fixed")
 # keep probabilities are quantised to this many units for fixed-budget sampling, so sums are exact integers
@@ -44,7 +44,7 @@ class DropBPHandler:
             raise ValueError(f"unknown sampling mode {sampling!r}; choose one of {', '.join(SAMPLING_MODES)}")
         self.gates: list = find_gates(model)
         if not self.gates:
-            raise ValueError("the model has no DropBPGate: build it from lit_gpt (or add gates) before using DropBP")
+            raise ValueError(no_gates_message(model, "DropBP"))
         self.sampling = sampling
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)

@@ -32,7 +32,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from dropbp.gate import find_gates
+from dropbp.gate import find_gates, no_gates_message
 
 AUTO = "auto"
 
@@ -108,7 +108,7 @@ class PLDHandler:
             raise ValueError(f"pld gamma must be >= 0, None or 'auto', got {gamma!r}")
         self.gates = find_gates(model)
         if not self.gates:
-            raise ValueError("the model has no DropBPGate: build it from lit_gpt before using PLD")
+            raise ValueError(no_gates_message(model, "PLD"))
         self.layers = sorted({g.layer for g in self.gates})
         self.theta_bar, self.total_steps, self.target_drop = theta_bar, total_steps, target_drop
         self.gamma = solve_gamma(theta_bar, len(self.layers), total_steps, target_drop) if self.auto else float(gamma)

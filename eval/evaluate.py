@@ -12,6 +12,7 @@ results JSON and the markdown row to --out_dir; eval/make_table.py puts several 
 import difflib
 import json
 import sys
+import traceback
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -134,9 +135,12 @@ def main(
         if not names:
             raise
         # lm-eval fetches its tasks' data sets from the Hugging Face hub on first use
+        dataset = hub_dataset(error)
         raise EvaluationError(
-            f"the data of {', '.join(names)} could not be loaded ({type(error).__name__}: {first_line(error)}):"
-            " lm-eval downloads it from the Hugging Face hub on first use; offline, use local task YAMLs"
+            f"the data of {', '.join(names)}{f' (Hugging Face data set {dataset})' if dataset else ''} could not be"
+            f" loaded ({type(error).__name__}: {first_line(error)}): lm-eval downloads it from the Hugging Face hub"
+            " on first use; offline, run with HF_DATASETS_OFFLINE=1 and a Hugging Face cache (HF_HOME) that holds it,"
+            " filled by the same command on a machine with internet, or use local task YAMLs"
         ) from None
     results["config"]["checkpoint_dir"] = str(checkpoint_dir)
 
@@ -175,6 +179,16 @@ def evaluate(lm, selected, preset, num_fewshot, limit, batch_size, device, task_
         fewshot_random_seed=seed,
         bootstrap_iters=bootstrap_iters,
     )
+
+
+def hub_dataset(error: BaseException) -> Optional[str]:
+    """The data set lm-eval was loading when ``error`` was raised, as ``path`` or ``path, subset name``: the error
+    itself, from deep in the hub client, does not say; the task whose ``download`` failed does."""
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        task = frame.f_locals.get("self")
+        if frame.f_code.co_name == "download" and getattr(task, "DATASET_PATH", None):
+            return task.DATASET_PATH + (f", subset {task.DATASET_NAME}" if getattr(task, "DATASET_NAME", None) else "")
+    return None
 
 
 def first_line(error: BaseException) -> str:

@@ -74,10 +74,18 @@ def first_metric(scores: dict) -> str:
 def cell(results: dict, task: str, header: str, metric: Optional[str], default: Optional[str]) -> tuple[str, float]:
     key = metric_key(results["results"][task], metric, default)
     name, filter_name = key.split(",")
-    shots = results.get("n-shot", {}).get(task, "?")
     value = results["results"][task][key]
     value = 100 * value if name in PERCENT_METRICS else value
-    return f"{header} ({shots}-shot {name if filter_name == 'none' else key})", value
+    return f"{header} ({shots(results, task)}-shot {name if filter_name == 'none' else key})", value
+
+
+def shots(results: dict, task: str):
+    """A task's few-shot setting; a group's is its members' when they agree. lm-eval 0.4.13 records it for a group
+    of tasks but not for a group of groups (``mmlu``, the MMLU average)."""
+    if task in results.get("n-shot", {}):
+        return results["n-shot"][task]
+    members = {shots(results, member) for member in results.get("group_subtasks", {}).get(task, [])}
+    return members.pop() if len(members) == 1 else "?"
 
 
 def table_row(results: dict, metric: Optional[str] = None) -> dict[str, float]:

@@ -12,19 +12,26 @@ With a real model, replace ``build_model`` by ``AutoModelForCausalLM.from_pretra
 """
 
 import argparse
+import importlib.util
 import json
 import math
 import sys
 import time
 from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the repository's lit_gpt and dropbp, installed or not
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's lit_gpt and dropbp, installed or not
-
-from litgpt.prompts import Alpaca  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments  # noqa
+try:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
+    from litgpt.prompts import Alpaca
+except ModuleNotFoundError as error:  # run outside the fork's .venv: what to install, in one line
+    hint = (f'pip install "{ROOT}[hf]"' if importlib.util.find_spec("litgpt")
+            else f"run it in the fork's environment (make install in {ROOT}, then {ROOT / '.venv/bin/python'})")
+    print(f"error: examples/hf_trainer.py needs {error.name}: {hint}", file=sys.stderr)
+    sys.exit(2)
 
 from dropbp import DropBPHandler  # noqa: E402
 from dropbp.integrations.transformers import DropBPCallback, install_gates  # noqa: E402

@@ -18,12 +18,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+try:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-from dropbp import DropBPHandler, allocate_rates, compute_sensitivity
-from dropbp.integrations.transformers import install_gates, set_gate_flops
+    from dropbp import DropBPHandler, allocate_rates, compute_sensitivity
+    from dropbp.integrations.transformers import install_gates, set_gate_flops
+except ModuleNotFoundError as error:  # the library or its hf extra is not installed: what to install, in one line
+    print(f'error: examples/plain_loop.py needs {error.name}: pip install "{Path(__file__).resolve().parents[1]}[hf]"',
+          file=sys.stderr)
+    sys.exit(2)
 
 VOCAB, LENGTH = 64, 32
 

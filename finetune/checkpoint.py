@@ -41,6 +41,10 @@ def save_training_state(fabric, model, optimizer, state: dict, record: dict, out
         path.parent.mkdir(parents=True, exist_ok=True)
         write_record(record, path.parent)
     fabric.barrier()
+    if fabric.world_size > 1:  # each rank's own RNG states: its dropout drew as many numbers as its batches held
+        own = rank_rng_path(path, fabric.global_rank)
+        torch.save(state["rng"], own.with_name(own.name + ".tmp"))
+        os.replace(own.with_name(own.name + ".tmp"), own)
     trainable = trainable_names(model)
     fabric.save(tmp, {"model": model, "optimizer": optimizer, "record": record, **state},
                 filter={"model": lambda name, _: name in trainable})
@@ -50,12 +54,24 @@ def save_training_state(fabric, model, optimizer, state: dict, record: dict, out
     return path
 
 
-def save_on_interrupt(fabric, model, optimizer, state: dict, record: dict, out_dir: Path) -> str:
-    """Ctrl-C: save the last completed step (one process; several processes each get the signal at a different
-    point, so a collective save could hang) and say how to continue."""
+def rank_rng_path(path: Path, rank: int) -> Path:
+    return path.with_name(f"rng-rank{rank}.pth")
+
+
+def restored_rng(fabric, path: Path, saved: dict) -> dict:
+    """This rank's RNG states as saved with the checkpoint at ``path`` (``saved``: rank 0's, inside it; the only
+    ones of a single process, or of a rank the run did not have)."""
+    own = rank_rng_path(path, fabric.global_rank)
+    return torch.load(own, weights_only=True) if fabric.world_size > 1 and own.is_file() else saved
+
+
+def save_on_interrupt(fabric, model, optimizer, state: dict, record: dict, out_dir: Path, together: bool) -> str:
+    """Ctrl-C or SIGTERM: save the last completed step, when every process stopped at the same point (``together``:
+    one process, or several that agreed on the signal; otherwise a collective save could hang), and say how to
+    continue."""
     step = state["progress"]["step"]
     saved = out_dir / f"step-{step:06d}" / "training_state.pth"
-    if fabric.world_size == 1 and step > 0 and not saved.is_file():
+    if together and step > 0 and not saved.is_file():
         saved = save_training_state(fabric, model, optimizer, state, record, out_dir)
     if saved.is_file():
         return f"{saved} holds step {step}; continue with --resume auto"
@@ -65,8 +81,8 @@ def save_on_interrupt(fabric, model, optimizer, state: dict, record: dict, out_d
 def find_resume_path(out_dir: Path, resume: bool | str | Path, warn: Callable[[str], None] = print) -> Optional[Path]:
     """The checkpoint to resume from. ``auto``: the latest that loads; a torn or corrupt one is skipped with a
     warning (the previous intact one is used), and an out_dir with none starts from scratch, said so, unless it holds
-    a ``final/`` (finished runs are found before: `out_dir.finished_run`), which is never replaced. Checkpoints are read as tensors and plain
-    values only (``weights_only``): unpickling an arbitrary file in the out_dir could run any code."""
+    a ``final/`` (finished runs are found before: `out_dir.finished_run`), which is never replaced. Checkpoints are
+    read as tensors and plain values only (``weights_only``): unpickling an arbitrary file could run any code."""
     if resume is False or resume in ("false", "False", None):
         return None
     if resume is True or resume == "auto":

@@ -10,7 +10,7 @@ from typing import Callable, Literal, get_args, get_origin
 from jsonargparse import CLI, set_parsing_settings
 from tqdm import tqdm
 
-from finetune.signals import Terminated
+from finetune.signals import Stopped
 
 
 class UsageError(Exception):
@@ -41,8 +41,8 @@ def cli(setup: Callable) -> None:
         fail(f"error: {e}", EXIT_BAD_INPUT)
     except Interrupted as e:
         fail(f"terminated: {e}", EXIT_TERMINATED) if e.terminated else fail(f"interrupted: {e}", EXIT_INTERRUPTED)
-    except Terminated:
-        fail("terminated", EXIT_TERMINATED)
+    except Stopped as e:  # before or after training
+        fail("terminated", EXIT_TERMINATED) if e.terminated else fail("interrupted", EXIT_INTERRUPTED)
     except KeyboardInterrupt:
         fail("interrupted", EXIT_INTERRUPTED)
     except Exception as e:

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 from litgpt.data import DataModule
+from torch.utils.data import Subset
 
 from finetune.cli import UsageError
 from lit_gpt.data.download import download_data_file
@@ -36,6 +37,12 @@ def setup_data(data: DataModule) -> None:
         data.setup()
     except json.JSONDecodeError as e:
         raise UsageError(f"{source}: not valid JSON ({e})") from None
+    for dataset in (data.train_dataset, validation_split(data)):  # litgpt splits an object by its keys, silently
+        held = loaded(dataset)
+        if isinstance(held, (dict, str)):
+            what = f"an object with keys {', '.join(list(held)[:5])}" if isinstance(held, dict) else "a string"
+            raise UsageError(f"{source}: the file must hold a JSON list of records (objects with instruction, input"
+                             f" and output); it holds {what}")
     for dataset, name in ((data.train_dataset, "training"), (validation_split(data), "validation")):
         if len(dataset) == 0:
             raise UsageError(f"{source}: the {name} split is empty (too few records for the split; a JSON file's"
@@ -48,6 +55,12 @@ def setup_data(data: DataModule) -> None:
             missing = [f for f in ("instruction", "output") if not isinstance(record.get(f), str)]
             if missing:
                 raise UsageError(f"{source}: record {i} of the {split[:-8]} split lacks field(s) {', '.join(missing)}")
+
+
+def loaded(dataset):
+    """What a split was made from: litgpt's JSON and Alpaca modules split the file's content with `random_split`."""
+    held = getattr(dataset, "data", None)
+    return held.dataset if isinstance(held, Subset) else held
 
 
 def validation_split(data: DataModule):

@@ -30,7 +30,8 @@ from finetune.checkpoint import save_on_interrupt, save_training_state, set_rng_
 from finetune.cli import Interrupted, UsageError
 from finetune.evaluation import Example, validate
 from finetune.sensitivity_pass import allocate, probe_batch
-from finetune.signals import Terminated, deferred
+from finetune import signals
+from finetune.signals import Stopped, deferred
 
 
 @dataclass
@@ -74,8 +75,9 @@ def fit(run: Run, restored_rng: Optional[dict] = None) -> None:
         train_steps(run, train_iter, bar, write, state)
     except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM (finetune/signals.py)
         bar.close()
-        saved = save_on_interrupt(fabric, run.model, run.optimizer, state, run.record, run.out_dir)
-        raise Interrupted(saved, terminated=isinstance(stop, Terminated)) from None
+        together = stop.together if isinstance(stop, Stopped) else fabric.world_size == 1
+        saved = save_on_interrupt(fabric, run.model, run.optimizer, state, run.record, run.out_dir, together)
+        raise Interrupted(saved, terminated=isinstance(stop, Stopped) and stop.terminated) from None
     bar.close()
 
 
@@ -104,6 +106,8 @@ def train_steps(run: Run, train_iter: CycleIterator, bar: tqdm, write: Callable[
             state["progress"]["after_step_pending"] = True
             if progress["step"] % run.train.log_interval == 0 or saving:  # values are read here, and only here
                 report(run, window, bar, lr, train_iter.epoch, time.perf_counter() - step_t0)
+        if window.stop_signal:  # several processes: a signal that every rank now knows of stops them all here
+            raise Stopped(window.stop_signal, together=True)
         window.reset()
         bar.update(1)
         after_step(run, probe, write)
@@ -206,12 +210,14 @@ class StepWindow:
     value waits for the device, so the loop reads only at log and save steps (``read``). Times come from CUDA events
     on a GPU (recorded, never waited for, in the loop) and from the wall clock on a CPU. The first non-finite loss
     since the last check is remembered on the device (its micro-batch), and ``read``/``check_finite`` stop the run on
-    every rank, before anything is saved, when any rank had one."""
+    every rank, before anything is saved, when any rank had one. On several ranks the same reduction also tells
+    every rank of a stop signal that any of them holds (``stop_signal``: see finetune/signals.py)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.cuda = device, device.type == "cuda"
         self.bad_iter = torch.full((), -1, dtype=torch.int64, device=device)  # first micro-batch with a bad loss
         self.last_read: Optional[tuple] = None  # (wall time, step) of the last read: see report's mean_step_time
+        self.stop_signal = 0  # a signal held on some rank, known to every rank since the last read
         self.reset()
 
     def reset(self) -> None:
@@ -247,8 +253,10 @@ class StepWindow:
         mine = first = self.bad_iter
         if fabric.world_size > 1:  # every rank stops together: the others would wait forever in the next collective
             never = torch.iinfo(torch.int64).max
-            first = fabric.all_reduce(torch.where(mine < 0, never, mine), reduce_op="min")
+            held = torch.tensor(-signals.held(), dtype=torch.int64, device=mine.device)  # SIGTERM wins the min
+            first, stop = fabric.all_reduce(torch.stack([torch.where(mine < 0, never, mine), held]), reduce_op="min")
             first = torch.where(first == never, -1, first)
+            self.stop_signal = -int(stop.item())
         first = int(first.item())
         if first >= 0:
             where = "here" if int(mine.item()) == first else "on another rank"

@@ -26,13 +26,14 @@ from litgpt.utils import choose_logger, copy_config_files, instantiate_torch_opt
 from dropbp import DropBPHandler, PLDHandler, check_rate
 from dropbp.lr import compensate_lr, param_groups
 from finetune.args import DropBPArgs, PLDArgs
-from finetune.checkpoint import find_resume_path, load_checkpoint_file
+from finetune.checkpoint import check_complete, find_resume_path, load_checkpoint_file, restored_rng
 from finetune.cli import Interrupted, UsageError, cli  # noqa: F401 (re-exported: the recipes' entry point)
 from finetune.data_setup import limit_workers, prepare_data, setup_data
 from finetune.evaluation import Example, validate
 from finetune.launch import launch_plan, resolve_checkpoint_dir
 from finetune.loop import Run, fit, report_moved, weight_fingerprints
-from finetune.out_dir import check_resumed_options, claim_out_dir, run_record, write_record
+from finetune.out_dir import check_resumed_options, claim_out_dir, finished_run, run_record, write_record
+from finetune.signals import stop_signals
 from lit_gpt.data import Alpaca, Builtin  # importing lit_gpt.data also registers Dolly for --data
 from lit_gpt.gated import compile_branches, compile_unsupported, set_gate_flops
 
@@ -129,6 +130,8 @@ def run(method: Method, opts: Options) -> None:
         print(f"No --data given: using {'the built-in data (--data Builtin)' if builtin_model else 'Alpaca'}")
     data = (Builtin() if builtin_model else Alpaca()) if opts.data is None else opts.data
     opts = replace(opts, checkpoint_dir=checkpoint_dir, data=data, out_dir=Path(opts.out_dir).expanduser().resolve())
+    if opts.out_dir.exists() and not opts.out_dir.is_dir():  # the claim would fail with a raw FileExistsError
+        raise UsageError(f"--out_dir {opts.out_dir} exists and is not a directory")
     record = run_record(method, opts)
     fabric_args, quantize_base = launch_plan(method, opts.precision, opts.devices, opts.num_nodes)
     unsupported = compile_unsupported(quantized_on_cpu=quantize_base is not None) if opts.compile else None
@@ -153,7 +156,8 @@ def main(fabric: L.Fabric, method: Method, opts: Options, config: Config,
     if problem:
         raise UsageError(problem)
     try:
-        train_in(fabric, method, opts, config, quantize_base, record)
+        with stop_signals(fabric.world_size):  # Ctrl-C and SIGTERM save the last completed step (see loop.fit)
+            train_in(fabric, method, opts, config, quantize_base, record)
     finally:
         if claim is not None:
             claim.release()
@@ -161,7 +165,10 @@ def main(fabric: L.Fabric, method: Method, opts: Options, config: Config,
 
 def train_in(fabric: L.Fabric, method: Method, opts: Options, config: Config, quantize_base, record: dict) -> None:
     """Everything of a run once its out_dir is claimed (`main` releases the claim however this ends)."""
-    resume_path = find_resume_path(opts.out_dir, opts.resume, fabric.print, record)
+    if opts.resume in (True, "auto") and finished_run(opts.out_dir, record):  # a preempted job's restart, too late
+        fabric.print(f"--resume auto: {opts.out_dir} holds a finished run (final/): nothing to do")
+        return
+    resume_path = find_resume_path(opts.out_dir, opts.resume, fabric.print)
     fabric.seed_everything(opts.seed)  # before the dataloaders: Fabric's DistributedSampler seeds its shuffling from it
     tokenizer, example = set_up_data(fabric, opts, config)
     train_loader, val_loader = fabric.setup_dataloaders(opts.data.train_dataloader(), opts.data.val_dataloader())
@@ -262,6 +269,7 @@ def resume_from(run: Run, path: Path) -> dict:
     """Load model, optimizer, progress and DropBP/PLD state from a checkpoint (refused if the run's options
     changed); returns the saved RNG states, which `fit` restores once the data order is replayed."""
     fabric, handler = run.fabric, run.handler
+    check_complete(path, run.model)
     restored = fabric.load(path, {"model": run.model, "optimizer": run.optimizer}, strict=False, weights_only=True)
     check_resumed_options(restored.get("record"), run.record, path)
     run.progress.update(restored["progress"])
@@ -270,7 +278,7 @@ def resume_from(run: Run, path: Path) -> dict:
         run.pld_handler.load_state_dict(restored["pld"])
     compensate_lr(run.optimizer, handler, enabled=run.dropbp.lr_compensation, accum=run.accum)
     fabric.print(f"Resumed from {path} at step {run.progress['step']}")
-    return restored["rng"]
+    return restored_rng(fabric, path, restored["rng"])
 
 
 def log_validation(run: Run, which: str, step: int) -> None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU acceptance run (issues 9 and 11), under 8 minutes on one H100/H200 including every model build:
+# One prepared GPU acceptance run (issues 9 and 11), about 10 minutes on one H100/H200 including every model build:
 #   1. Table 5: time per sample, LLaMA2-7B shape (random weights), bf16-true, seq 512, micro-batch 2, for full, lora,
 #      qlora (NF4) and adapter, p = 0 / 0.5 / 0.75 / 0.875, PLD and every-branch-dropped, each beside plain litgpt
 #      (the gates' overhead at p = 0), lora also beside full fine-tuning at p = 0 (its FW/BW over full's, paired by
@@ -8,18 +8,21 @@
 #      samples cut to 512 tokens, micro-batch = global batch = 2, p = 0.875: its fw+bw and wall time per sample
 #      against benchmark.py's LoRA row at 0.875 (loop_cost.txt).
 #   2. Table 3: max sequence length, full fine-tuning, AdamW, micro-batch 1, CUDA allocator capped at 80 GiB (an
-#      A100 80GB), p = 0 / 0.5 / 0.75 / 0.875 with fixed sampling and 0.875 with Bernoulli sampling; every probe in
-#      a probe process that is replaced after any out-of-memory.
+#      A100 80GB; on an H100 80GB, whose 79.6 GiB are below the cap, the whole card), p = 0 / 0.5 / 0.75 / 0.875 with
+#      fixed sampling and 0.875 with Bernoulli sampling; every probe in a probe process that is replaced after any
+#      out-of-memory.
 #   3. The four recipes (finetune/full.py, lora.py, qlora.py, adapter.py), and qlora.py --compile true, on the
 #      built-in tiny model with --precision bf16-true for 20 steps: exit status, the validation loss before and
 #      after training, and how many trainable tensors moved. A recipe FAILS unless it exits 0, its loss fell by at
 #      least 0.05 and every trainable tensor moved; the script then exits 1 (after writing every result).
 #   4. pytest -m gpu tests/test_gpu.py.
-# Steps 3 and 4 run beside step 2 (which measures memory, not time); step 1 runs alone.
+# Steps 3 and 4 run side by side; steps 1 and 2 each run alone on the card: step 2 last, after 3 and 4, so that no
+# other process holds GPU memory while it searches (with them beside it, the search would count their memory as its
+# own on an H100, where the cap is the whole card, and could run them out of memory).
 #
-# Time limits (seconds): wheels 25, imports 20, Table 5 30 + 50 + 55 + 30 + 90 (compiled), loop cost 60 + 120,
-# Table 3 110 + 45: 635 in a row (the steps end well before their limits: about 7-8 minutes expected);
-# beside Table 3, the built-in model's check (30), then the recipes (90) and the GPU tests (120) end before its 155.
+# Time limits (seconds): wheels 25, imports 20, Table 5 30 + 50 + 55 + 30 + 90 (compiled), loop cost 60 + 120, the
+# built-in model's check 30, the recipes (90) beside the GPU tests (120), Table 3 110 + 45: 785 in a row (the steps
+# end well before their limits: about 10 minutes expected).
 #
 # Usage, on the GPU machine (no internet; torch and lightning in its image), wheels made as
 # ../shared/gpu/README.md says, in the git-ignored .gpu_wheels/:
@@ -162,18 +165,7 @@ out.write_text(text + "\n")
 print(text)
 EOF
 
-# --- 2. Table 3 (memory; the GPU's other users below stay far from the card's memory), with 3. and 4. beside it
-(
-  unset PYTORCH_CUDA_ALLOC_CONF  # the default allocator, whose per-process fraction cap is the one known to hold
-  step "table 3 fixed" 110 "$RESULTS/table3.md" "${BENCH[@]}" "${T3[@]}" --find_max_seq_len true \
-    --methods '[full]' --rates '[0.0, 0.5, 0.75, 0.875]' --micro_batch_size 1 --probe_steps 2 --sampling fixed \
-    --max_seq_start "$T3_START_FIXED" --out "$SCRATCH/table3_fixed.json"
-  step "table 3 bernoulli" 45 "$RESULTS/table3.md" "${BENCH[@]}" "${T3[@]}" --find_max_seq_len true \
-    --methods '[full]' --rates '[0.875]' --micro_batch_size 1 --probe_steps 4 --sampling bernoulli \
-    --max_seq_start "$T3_START_BERNOULLI" --out "$SCRATCH/table3_bernoulli.json"
-) &
-TABLE3=$!
-
+# --- 3. and 4., side by side
 # the built-in model once, before five recipe runs start at the same time: the four recipes, and QLoRA with
 # --compile true (on the CPU of the dry run, where QLoRA refuses it, LoRA)
 timeout 30 "$PY" -c "from lit_gpt.tiny_model import ensure_tiny_checkpoint; ensure_tiny_checkpoint()"
@@ -216,7 +208,17 @@ for run in "${RUNS[@]}"; do
   fi
 done
 say "recipes: $((${#RUNS[@]} - RECIPES_FAILED))/${#RUNS[@]} exited 0 and learned"
-wait "$TABLE3"
+
+# --- 2. Table 3 (memory), last and alone on the card: the recipes and the GPU tests have ended
+(
+  unset PYTORCH_CUDA_ALLOC_CONF  # the default allocator, whose per-process fraction cap is the one known to hold
+  step "table 3 fixed" 110 "$RESULTS/table3.md" "${BENCH[@]}" "${T3[@]}" --find_max_seq_len true \
+    --methods '[full]' --rates '[0.0, 0.5, 0.75, 0.875]' --micro_batch_size 1 --probe_steps 2 --sampling fixed \
+    --max_seq_start "$T3_START_FIXED" --out "$SCRATCH/table3_fixed.json"
+  step "table 3 bernoulli" 45 "$RESULTS/table3.md" "${BENCH[@]}" "${T3[@]}" --find_max_seq_len true \
+    --methods '[full]' --rates '[0.875]' --micro_batch_size 1 --probe_steps 4 --sampling bernoulli \
+    --max_seq_start "$T3_START_BERNOULLI" --out "$SCRATCH/table3_bernoulli.json"
+)
 
 # --- merge the per-step JSON rows into one file per table
 "$PY" - "$SCRATCH" "$RESULTS" 2>&1 <<'EOF' | tee -a "$LOG"

@@ -37,10 +37,14 @@ def long_samples(n: int, seq_len: int, seed: int = 0) -> list:
             for _ in range(n)]
 
 
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def main(
     model_name: str = "Llama-2-7b-hf",
     out_dir: Path = Path("checkpoints/random"),
-    device: str = "cuda",
+    device: Optional[str] = None,
     precision: str = "bf16-true",
     seq_len: int = 512,
     num_samples: int = 64,
@@ -52,12 +56,14 @@ def main(
     """Args:
     model_name: a litgpt config name (its shape; the vocabulary must hold the built-in tokenizer's 1024 ids).
     out_dir: the new checkpoint directory (replaced if it exists).
-    device, precision: where the weights are initialised and the dtype they are saved in.
+    device, precision: where the weights are initialised (default: cuda if there is a GPU, else cpu) and the dtype
+        they are saved in.
     seq_len: the samples' minimum length in tokens.
     num_samples: how many samples.
     n_layer, n_embd, n_head, vocab_size: override the config's (a smaller model of the same kind, e.g. for a dry
         run; the same shape as ``benchmark.py --n_layer ... --n_embd ... --n_head ... --vocab_size ...``).
     """
+    device = device or default_device()
     tokenizer_dir = ensure_tiny_checkpoint()
     overrides = {k: v for k, v in dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head).items() if v is not None}
     if n_head is not None:

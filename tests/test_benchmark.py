@@ -1,5 +1,6 @@
 """scripts/benchmark.py (and its parts, scripts/bench_*.py) on tiny models: the tables' arithmetic, the shuffled
-order, and the max-sequence search (probe processes, recovery after out-of-memory), never timings."""
+order, and the max-sequence search (probe processes, recovery after out-of-memory), never timings; and
+scripts/random_checkpoint.py, the checkpoint of the GPU run's loop-cost step."""
 
 import io
 import json
@@ -248,3 +249,14 @@ def test_gated_block_at_p0_dispatches_exactly_litgpt_ops_with_little_python():
                       rounds=1, calls=2)
     assert r["same_aten_ops"] and r["aten_ops"] > 0
     assert r["python_calls_gated"] - r["python_calls_plain"] <= 3
+
+
+def test_random_checkpoint_defaults_to_the_gpu_only_when_there_is_one(tmp_path, monkeypatch):
+    from scripts import random_checkpoint
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert random_checkpoint.default_device() == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no --device on a CPU machine: no traceback
+    out = random_checkpoint.main(out_dir=tmp_path / "random", n_layer=1, n_embd=64, n_head=4, vocab_size=1024,
+                                 seq_len=16, num_samples=2)
+    assert (out / "lit_model.pth").is_file() and len(json.loads((out / "long_samples.json").read_text())) == 2

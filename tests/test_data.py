@@ -9,8 +9,9 @@ import torch
 from litgpt.tokenizer import Tokenizer
 
 import lit_gpt.data
-from finetune.trainer import prepare_data
-from lit_gpt.data import Alpaca, Builtin, Dolly
+from finetune.data_setup import setup_data
+from finetune.trainer import UsageError, prepare_data
+from lit_gpt.data import JSON, Alpaca, Builtin, Dolly
 from lit_gpt.data.builtin import generate_examples, split_examples
 from lit_gpt.tiny_model import ensure_tiny_checkpoint
 
@@ -193,3 +194,17 @@ def test_dolly_reads_the_published_samples_as_json_lines_and_as_an_array(tmp_pat
         loaded.append(data.train_dataset.data + data.test_dataset.data)
     assert loaded[0] == loaded[1] and len(loaded[0]) == len(records)
     assert {e["output"] for e in loaded[0]} == {r["response"] for r in records}
+
+
+@pytest.mark.parametrize("content, held", [
+    ({"data": [{"instruction": "q", "input": "", "output": "a"}] * 40}, "an object with keys data"),  # was: empty split
+    ({str(i): {"instruction": "q", "output": "a"} for i in range(40)}, "an object with keys 0, 1, 2, 3, 4"),  # KeyError
+    ("instruction, input, output", "a string"),
+])
+def test_a_json_file_that_holds_no_list_is_refused_saying_what_it_holds(tmp_path, content, held):
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(UsageError) as error:
+        setup_data(JSON(json_path=path, val_split_fraction=0.05))
+    assert str(error.value) == (f"{path}: the file must hold a JSON list of records (objects with instruction, input"
+                                f" and output); it holds {held}")

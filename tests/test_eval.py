@@ -367,7 +367,9 @@ def fake_mmlu(offset: float) -> dict:
     task_scores = {group: {"acc": 0.40 + offset + i / 100, "acc_stderr": 0.01} for i, group in enumerate(groups)}
     task_scores["mmlu"] = {"acc": 0.45 + offset}
     task_scores["mmlu_anatomy"] = {"acc": 0.9}  # a subject: part of a group, not a column of its own
-    return fake_results(task_scores, 5, {"mmlu": list(groups), "mmlu_stem": ["mmlu_anatomy"]})
+    results = fake_results(task_scores, 5, {"mmlu": list(groups), "mmlu_stem": ["mmlu_anatomy"]})
+    del results["n-shot"]["mmlu"]  # as lm-eval 0.4.13 writes it: no few-shot setting for a group of groups
+    return results
 
 
 def fake_commonsense(offset: float) -> dict:
@@ -496,3 +498,24 @@ def test_a_hub_task_whose_data_cannot_be_fetched_is_one_line_exit_3(checkpoint_d
     assert exit_info.value.code == 3
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the data of piqa could not be loaded" in err and "local task YAMLs" in err
+
+
+def test_an_uncached_hub_preset_offline_names_its_data_set_and_how_to_run_offline(checkpoint_dir, monkeypatch, capsys):
+    """``--tasks mmlu`` without internet and without the data cached: the line names the task and the data set that
+    failed, and how to run offline."""
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Cannot send a request, as the client has been closed.")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)  # what lm-eval's tasks call to fetch their data
+    mmlu_only = Path(lm_eval.tasks.__file__).parent / "mmlu" / "default"  # indexing all of lm-eval's tasks takes 25 s
+    monkeypatch.setattr(evaluate, "TaskManager", lambda **_: TaskManager(include_path=str(mmlu_only),
+                                                                         include_defaults=False))
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.cli([f"--checkpoint_dir={checkpoint_dir}", "--tasks=mmlu", "--device=cpu"])
+    assert exit_info.value.code == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith("error: the data of mmlu (Hugging Face data set cais/mmlu, subset ")
+    assert "could not be loaded (RuntimeError: Cannot send a request" in err and "HF_DATASETS_OFFLINE=1" in err

@@ -284,3 +284,38 @@ def test_resume_refuses_a_checkpoint_missing_a_trainable_tensor(tmp_path):
         stop_run(tmp_path, resume=path)
     message = str(refused.value)
     assert f"lacks 1 of the model's trainable tensors (e.g. {dropped})" in message and "\n" not in message
+
+
+def test_sigterm_to_every_rank_of_a_two_process_run_saves_one_step_and_resumes_exactly(tmp_path):
+    """SLURM and Kubernetes signal every process of a job. Several ranks cannot each save where the signal found
+    them (a save is a collective): the signal is held until the ranks agree on it at the next log step, where all
+    of them save that step and exit with 143. Nothing was saved before (no --train.save_interval step)."""
+    args = ["--devices", "2", "--train.save_interval", "1000", "--eval.interval", "1", "--eval.max_iters", "1",
+            "--eval.max_new_tokens", "0", "--dropbp.allocation", "uniform"]
+    reference = start(tmp_path / "uninterrupted", *args)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    victim = subprocess.Popen([sys.executable, str(ROOT / "finetune" / "lora.py"), *ARGS, *args, "--out_dir",
+                               str(tmp_path / "preempted")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True)  # its own process group: both ranks, as SLURM's
+    lines = []
+    for line in victim.stdout:  # rank 0's validation lines, as they come
+        lines.append(line)
+        if line.startswith("step 3: val loss"):
+            os.killpg(victim.pid, signal.SIGTERM)
+            break
+    rest, err = victim.communicate(timeout=240)
+    assert victim.returncode == 143, "".join(lines) + rest + err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("terminated: ") and "Traceback" not in err, err[-3000:]
+    saved = saved_steps(tmp_path / "preempted")
+    assert len(saved) == 1 and saved[0] >= 3 and f"step-{saved[0]:06d}/training_state.pth holds step" in last
+    code, out, err = finish(start(tmp_path / "preempted", *args, "--resume", "auto"))
+    assert code == 0, err[-3000:]
+    assert finish(reference)[0] == 0
+    expected = losses(tmp_path / "uninterrupted", 0)
+    resumed = losses(tmp_path / "preempted", 1)
+    assert sorted(resumed) == list(range(saved[0] + 1, MAX_STEPS + 1))
+    assert resumed == {s: expected[s] for s in resumed}
+    weights = [torch.load(tmp_path / run / "final" / "lit_model.pth.lora", weights_only=True)
+               for run in ("uninterrupted", "preempted")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

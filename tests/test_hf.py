@@ -238,6 +238,17 @@ def test_unsupported_layer_class_is_named(monkeypatch):
         hf.install_gates(model)
 
 
+def test_a_transformers_model_without_gates_is_told_to_install_them():
+    from dropbp import PLDHandler
+
+    model = tiny_model("llama")
+    for ungated in (model, get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))):
+        for handler, name in ((DropBPHandler, "DropBP"), (PLDHandler, "PLD")):
+            with pytest.raises(ValueError, match=r"^the model has no DropBPGate: call dropbp\.integrations\."
+                               rf"transformers\.install_gates\(model\) before using {name}$"):
+                handler(ungated)
+
+
 def test_gated_model_pickles_deep_copies_and_saves(tmp_path):
     """torch.save(model) of a gated model, loaded where the gated class does not exist yet; deepcopy; and
     remove_gates gives back the original classes."""

@@ -3,6 +3,7 @@ holds, and the plain-loop example (no Trainer, no litgpt). `make test-hf` runs t
 environment with the newest transformers, peft and accelerate and without litgpt; `make test-fork` with the oldest."""
 
 import importlib.metadata
+import importlib.util
 import subprocess
 import sys
 import tomllib
@@ -59,3 +60,27 @@ def test_plain_loop_example_trains_without_litgpt(tmp_path):
     moved = int(run.stdout.split("LoRA tensors moved: ")[1].split(" of ")[0])
     assert moved > 24, run.stdout  # at p = 0.875 a branch may stay dropped through 30 steps: most are kept once
     assert "LITGPT_IMPORTED False" in run.stdout
+
+
+HIDE_TRANSFORMERS = """
+import sys
+
+class Hide:  # as if transformers were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "transformers":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, Hide())
+"""
+
+
+@pytest.mark.parametrize("example", ["hf_trainer.py", "plain_loop.py"])
+def test_an_example_without_transformers_says_what_to_install(tmp_path, example):
+    run = f"import runpy; runpy.run_path({str(ROOT / 'examples' / example)!r}, run_name='__main__')"
+    result = subprocess.run([sys.executable, "-c", HIDE_TRANSFORMERS + run], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    err = result.stderr
+    assert result.returncode == 2 and "Traceback" not in err, err[-3000:]
+    assert err.count("\n") == 1 and err.startswith(f"error: examples/{example} needs transformers: ")
+    if importlib.util.find_spec("litgpt"):  # else (the library's environment) hf_trainer.py names the fork's
+        assert err.endswith(f': pip install "{ROOT}[hf]"\n')

@@ -52,6 +52,12 @@ def test_recipe_runs_with_sensitivity_allocation(tmp_path, recipe, final_file):
     assert (tmp_path / "dropbp_allocation.png").is_file()
     rows = logged(tmp_path)
     assert sorted(rows) == [1, 2, 3, 4] and all(float(r["drop_rate"]) > 0 for r in rows.values())
+    # no file of the run shares an inode with the base checkpoint: writing to it must never reach the base model
+    base = {(f.stat().st_dev, f.stat().st_ino) for f in ensure_tiny_checkpoint().iterdir()}
+    assert not [f for f in tmp_path.rglob("*") if f.is_file() and (f.stat().st_dev, f.stat().st_ino) in base]
+    if recipe is adapter:  # a complete final/: the base weights beside the adapter's
+        assert (tmp_path / "final" / "lit_model.pth").read_bytes() == (
+            ensure_tiny_checkpoint() / "lit_model.pth").read_bytes()
     if recipe in (lora, qlora):  # merged: a plain litgpt state dict that litgpt's GPT loads strictly
         from litgpt.config import Config
         from litgpt.model import GPT
@@ -172,6 +178,17 @@ def test_bad_input_is_one_clear_line(tmp_path, monkeypatch, capsys):
         line = run_cli(recipe, [*argv, *out], monkeypatch, capsys)
         assert message in line, (argv, line)
     assert not (tmp_path / "out" / "final").exists()
+
+
+def test_an_out_dir_that_is_a_file_is_bad_input(tmp_path, monkeypatch, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("not a run")
+    monkeypatch.setattr(sys, "argv", ["lora.py", "--out_dir", str(taken)])
+    with pytest.raises(SystemExit) as exit_info:
+        trainer.cli(lora.setup)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: --out_dir {taken} exists and is not a directory"
+    assert taken.read_text() == "not a run"
 
 
 def test_real_records_an_example_index_and_uniform_rates_above_the_allocation_cap(tmp_path, monkeypatch, capsys):
