@@ -1,6 +1,9 @@
-"""``--compile``: the branch functions compiled with inductor on the CPU train like eager under changing drop masks,
-with a bounded number of graphs (per branch: grad mode x input requires grad, shared by every block), never one per
-mask."""
+"""``--compile``: the branch functions compiled train like eager under changing drop masks, with a bounded number of
+graphs (per branch: grad mode x input requires grad, shared by every block), never one per mask.
+
+The graphs, their count and their gradients come from Dynamo and AOTAutograd, so these tests compile with the
+"aot_eager" backend (a third of inductor's time on this CPU); inductor's own code runs in the LoRA recipe's compiled
+test (tests/test_recipes.py) and the benchmark's operator counts (tests/test_benchmark.py)."""
 
 import litgpt.adapter_v2
 import litgpt.lora
@@ -70,7 +73,7 @@ def test_compiled_branches_train_like_eager_with_bounded_graphs(method):
     eager = build(method, n_layer)
     torch.manual_seed(0)
     dynamo_config = dict(torch._dynamo.config.get_config_copy())
-    compiled = compile_branches(build(method, n_layer))
+    compiled = compile_branches(build(method, n_layer), backend="aot_eager")
     assert all(block.branches is not None for block in compiled.transformer.h)
     try:
         eager_losses, masks, eager = train(eager, steps=3)
@@ -119,7 +122,7 @@ def test_compiled_dropped_branches_keep_no_activations_and_get_no_gradient():
 
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = compile_branches(build("full", 4))
+    model = compile_branches(build("full", 4), backend="aot_eager")
     handler = DropBPHandler(model)
     x = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(0))
     inputs, targets = x[:, :-1], x[:, 1:]
