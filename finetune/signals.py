@@ -32,9 +32,11 @@ _pending: Optional[int] = None  # the signal held or deferred
 
 def _handle(signum, frame) -> None:
     global _pending
-    if _pending is None and (_hold or _depth):
+    if _depth and not _hold:  # one process, in an optimizer step: at its end, however many signals come
+        _pending = _pending or signum
+    elif _hold and _pending is None:  # several processes: held for the ranks to agree on
         _pending = signum
-    else:
+    else:  # a second signal on several ranks stops at once, saving nothing (a collective save could hang)
         raise Stopped(signum, together=not _hold)
 
 

@@ -319,3 +319,25 @@ def test_sigterm_to_every_rank_of_a_two_process_run_saves_one_step_and_resumes_e
     weights = [torch.load(tmp_path / run / "final" / "lit_model.pth.lora", weights_only=True)
                for run in ("uninterrupted", "preempted")]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_signals_wait_for_the_end_of_an_optimizer_step_and_several_ranks_hold_the_first():
+    """One process: signals inside `deferred` (an optimizer step) stop the run at its end, a second one too. Several
+    processes: the first signal is held for the ranks to agree on; a second stops at once, saving nothing."""
+    from finetune import signals
+
+    with signals.stop_signals():
+        finished = False
+        with pytest.raises(signals.Stopped) as stopped:
+            with signals.deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGTERM)
+                finished = True
+        assert finished and not stopped.value.terminated and stopped.value.together
+    with signals.stop_signals(processes=2):
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.held() == signal.SIGTERM
+        with pytest.raises(signals.Stopped) as stopped:
+            os.kill(os.getpid(), signal.SIGINT)
+        assert not stopped.value.together
+    assert signals.held() == 0 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
