@@ -250,14 +250,15 @@ class StepWindow:
                 "backward_time": sum(spans[1::3]), "drop_rate": self.drop / self.n}
 
     def check_finite(self, fabric, accum: int) -> None:
-        mine = first = self.bad_iter
+        mine = self.bad_iter
         if fabric.world_size > 1:  # every rank stops together: the others would wait forever in the next collective
             never = torch.iinfo(torch.int64).max
             held = torch.tensor(-signals.held(), dtype=torch.int64, device=mine.device)  # SIGTERM wins the min
-            first, stop = fabric.all_reduce(torch.stack([torch.where(mine < 0, never, mine), held]), reduce_op="min")
-            first = torch.where(first == never, -1, first)
-            self.stop_signal = -int(stop.item())
-        first = int(first.item())
+            reduced = fabric.all_reduce(torch.stack([torch.where(mine < 0, never, mine), held]), reduce_op="min")
+            first, stop = reduced.tolist()  # one read of the device for both
+            first, self.stop_signal = (-1 if first == never else first), -stop
+        else:
+            first = int(mine.item())
         if first >= 0:
             where = "here" if int(mine.item()) == first else "on another rank"
             raise UsageError(f"non-finite loss in step {(first - 1) // accum + 1} (micro-batch {first}, {where}):"

@@ -16,9 +16,10 @@ import pytest
 import torch
 from litgpt.args import EvalArgs, TrainArgs
 
-from finetune import evaluation, lora, loop, sensitivity_pass, trainer
+from finetune import checkpoint, evaluation, lora, loop, sensitivity_pass, trainer
 from finetune.args import DropBPArgs
 from lit_gpt.data import Builtin
+from tests.test_recipes import logged
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS = 16
@@ -168,13 +169,8 @@ def stop_run(out_dir: Path, **kwargs) -> None:
 
 def outcome(out_dir: Path) -> tuple:
     """Every logged value by step (text, compared exactly; a resumed run's versions merged) and the trained tensors."""
-    rows = {}
-    for path in sorted(out_dir.glob("logs/csv/version_*/metrics.csv")):
-        with open(path) as f:
-            for row in csv.DictReader(f):
-                for key in ("loss", "drop_rate", "val_loss"):
-                    if row.get(key):
-                        rows[(int(row["step"]), key)] = row[key]
+    rows = {(step, key): row[key] for key in ("loss", "drop_rate", "val_loss")
+            for step, row in logged(out_dir, key).items()}
     return rows, torch.load(out_dir / "final" / "lit_model.pth.lora", weights_only=True)
 
 
@@ -252,15 +248,30 @@ def sigterm_in_optimizer_step(monkeypatch):
     monkeypatch.setattr(loop, "optimizer_step", terminated_midway)
 
 
+def stop_in_a_save(monkeypatch):
+    """Ctrl-C in the save of step 2, before its file is renamed into place: the stop's own save writes it whole."""
+    replace, stops = checkpoint.os.replace, []
+
+    def stopped_before_the_rename(src, dst):
+        if str(dst).endswith(f"step-{STOP_AT - 1:06d}/training_state.pth") and not stops:
+            stops.append(dst)
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", stopped_before_the_rename)
+
+
 @pytest.mark.parametrize("stop", [stop_in_validation, stop_in_generation, stop_in_sensitivity_pass,
-                                  sigterm_in_optimizer_step], ids=lambda f: f.__name__)
+                                  sigterm_in_optimizer_step, stop_in_a_save], ids=lambda f: f.__name__)
 def test_a_stop_anywhere_in_a_step_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch, uninterrupted, stop):
-    """Ctrl-C in validation, in the sample's generation or in the sensitivity pass, or SIGTERM in an optimizer step:
+    """Ctrl-C in validation, in the sample's generation, in the sensitivity pass or in a save, or SIGTERM in an
+    optimizer step:
     the step's weights are saved as that step (the work after it runs first on resume), and the resumed run logs the
     uninterrupted run's values and ends with its weights. Before, the weights after step N+1 were saved as step N."""
+    saved_at = STOP_AT - 1 if stop is stop_in_a_save else STOP_AT
     with monkeypatch.context() as patches:
         stop(patches)
-        with pytest.raises(trainer.Interrupted, match=f"step-{STOP_AT:06d}/training_state.pth holds step {STOP_AT}")\
+        with pytest.raises(trainer.Interrupted, match=f"step-{saved_at:06d}/training_state.pth holds step {saved_at}")\
                 as stopped:
             stop_run(tmp_path)
     assert stopped.value.terminated == (stop is sigterm_in_optimizer_step)
