@@ -1,11 +1,14 @@
-# `make test` and `make demo` create .venv on first use. torch is pinned in the same pip command so that pip
-# takes the CPU build on a CPU machine instead of pulling a multi-GB CUDA build.
+# `make test` and `make demo` create .venv on first use. torch is pinned in the same install command so that the CPU
+# build is taken on a CPU machine instead of a multi-GB CUDA build. uv installs in seconds what pip takes minutes
+# for; it is told pip's find-links (where a machine may keep its CPU build of torch), which it does not read itself.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 HF_VENV := .venv-hf
 HF_PY := $(HF_VENV)/bin/python
 TORCH := torch==2.13.0
+FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
+UV = $(if $(FIND_LINKS),UV_FIND_LINKS="$(FIND_LINKS)") $(1)/bin/uv pip install --quiet --python $(1)/bin/python
 # pytest-xdist workers: the suite is mostly single-threaded Python, imports and process start-ups
 WORKERS ?= 2
 
@@ -14,16 +17,16 @@ WORKERS ?= 2
 # the fork's environment: every version from the lock (constraints.txt)
 $(VENV)/.installed: pyproject.toml requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt "$(TORCH)" -r requirements.txt -e ".[hf,test]"
+	$(PY) -m pip install --quiet -c constraints.txt uv
+	$(call UV,$(VENV)) -c constraints.txt "$(TORCH)" -r requirements.txt -e ".[hf,test]"
 	touch $@
 
 # the library alone, as a Transformers user installs it: no litgpt, and the newest transformers, peft and
 # accelerate that the package index serves (the fork's environment above holds the oldest supported ones)
 $(HF_VENV)/.installed: pyproject.toml
 	test -x $(HF_PY) || $(PYTHON) -m venv $(HF_VENV)
-	$(HF_PY) -m pip install --quiet --upgrade pip
-	$(HF_PY) -m pip install --quiet --upgrade "$(TORCH)" ".[hf,test]"
+	$(HF_PY) -m pip install --quiet -c constraints.txt uv
+	$(call UV,$(HF_VENV)) --upgrade "$(TORCH)" ".[hf,test]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -38,7 +41,7 @@ test-fork: install
 
 # the integration's tests and the plain-loop example against the installed library (run outside the checkout)
 test-hf: $(HF_VENV)/.installed
-	$(HF_PY) -m pip install --quiet --force-reinstall --no-deps .
+	$(call UV,$(HF_VENV)) --reinstall --no-deps .
 	$(HF_PY) -m pytest -n $(WORKERS) $(wildcard tests/test_hf*.py)
 	cd /tmp && $(abspath $(HF_PY)) $(abspath examples/plain_loop.py) --steps 20
 
