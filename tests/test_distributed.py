@@ -3,8 +3,9 @@ and allocates the same rates while the data shards differ, and the first optimiz
 step on the two ranks' micro-batches with the same masks (parameters dropped everywhere get no gradient); a loss
 that diverges on one rank stops both.
 
-Each case runs `python tests/test_distributed.py CASE OUT_DIR`; Fabric's launcher runs this file again for rank 1.
-The worker records what each rank saw (`OUT_DIR/rank{0,1}.pt`) and the test rebuilds the step in this process.
+One launch runs every case in turn (`python tests/test_distributed.py OUT_DIR`; Fabric's launcher runs this file again
+for rank 1): the imports and the process group once, not once per case, which took most of each case's time. Each
+case records what each rank saw (`OUT_DIR/CASE/rank{0,1}.pt`) and its test rebuilds the step in this process.
 
 FSDP: Lightning refuses it on CPU ("You selected the FSDP strategy but FSDP is only available on GPU"). torch's FSDP
 runs on CPU with gloo when given `device_id=cpu`, so the FSDP case shards the model that way first and leaves the
@@ -124,17 +125,13 @@ def worker(case: str, out_dir: Path) -> None:
     sensitivity = "grad" if case == "fsdp" else "auto"  # the shards' parts of "grad" add up to one process's
     allocation = "uniform" if case == "nan" else "sensitivity"
     max_steps = QV_STEPS if case == "lora_qv" else 3
-    try:
-        recipe.setup(
-            out_dir=out_dir, devices=2, data=Builtin(num_samples=64), optimizer=SGD, seed=SEED,
-            train=TrainArgs(global_batch_size=8, micro_batch_size=2, lr_warmup_steps=0, max_steps=max_steps,
-                            save_interval=None if case == "fsdp" else 3, log_interval=1, min_lr=0.0, max_seq_length=64),
-            eval=EvalArgs(interval=1000, max_iters=2, final_validation=False),
-            dropbp=DropBPArgs(rate=0.5, sensitivity_at=0.34, sensitivity=sensitivity, allocation=allocation), **extra,
-        )
-    except trainer.UsageError as e:  # as the CLI reports it
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    recipe.setup(
+        out_dir=out_dir, devices=2, data=Builtin(num_samples=64), optimizer=SGD, seed=SEED,
+        train=TrainArgs(global_batch_size=8, micro_batch_size=2, lr_warmup_steps=0, max_steps=max_steps,
+                        save_interval=None if case == "fsdp" else 3, log_interval=1, min_lr=0.0, max_seq_length=64),
+        eval=EvalArgs(interval=1000, max_iters=2, final_validation=False),
+        dropbp=DropBPArgs(rate=0.5, sensitivity_at=0.34, sensitivity=sensitivity, allocation=allocation), **extra,
+    )
 
 
 # ------------------------------------------------------------------------------------- collectives per step
@@ -206,6 +203,36 @@ def collectives_worker(strategy: str, out_dir: Path) -> None:
     torch.save(result, out_dir / f"collectives{os.environ.get('LOCAL_RANK', '0')}.pt")
 
 
+CASES = ("lora", "full", "lora_qv", "nan", "fsdp", "collectives_ddp", "collectives_fsdp")
+
+
+def run_cases(out_dir: Path) -> None:
+    """Every case in turn in this pair of processes. What a case patches is put back before the next; a case that
+    stops with an error (the diverging loss) records its line, as the CLI prints it, and the next case runs."""
+    import torch.distributed as dist
+
+    from dropbp import DropBPHandler
+
+    patched = [(DropBPHandler, "sample"), (loop, "CycleIterator"), (loop, "probe_batch"), (loop, "micro_batch_loss"),
+               (sensitivity_pass, "compute_sensitivity"), (trainer, "fit"), (launch_plan, "choose_strategy"),
+               (full, "finalize")] + [(dist, name) for name in COLLECTIVES]
+    for case in CASES:
+        originals = [(owner, name, getattr(owner, name)) for owner, name in patched]
+        case_dir = out_dir / case
+        case_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            if case.startswith("collectives_"):
+                collectives_worker(case.removeprefix("collectives_"), case_dir)
+            else:
+                worker(case, case_dir)
+        except trainer.UsageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            (case_dir / f"error-rank{os.environ.get('LOCAL_RANK', '0')}.txt").write_text(f"error: {e}")
+        finally:
+            for owner, name, value in originals:
+                setattr(owner, name, value)
+
+
 def cpu_fsdp_strategy():
     from lightning.fabric.strategies import FSDPStrategy
     from litgpt.model import Block
@@ -243,15 +270,23 @@ def trainable_state(model) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- the tests
-pytestmark = pytest.mark.usefixtures("one_thread")  # other processes take the cores
+# one launch for the module's tests (`make test` keeps a module on one pytest-xdist worker: --dist loadfile)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def launch(case: str, out_dir: Path) -> list:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, __file__, case, str(out_dir)], env=env, capture_output=True, text=True,
-                          timeout=300)
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory) -> Path:
+    """Every case's records, from one launch of two processes (about 3 minutes on 2 busy cores)."""
+    out_dir = tmp_path_factory.mktemp("two_processes")
+    proc = subprocess.run([sys.executable, __file__, str(out_dir)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    return out_dir
+
+
+def launch(case: str, launched: Path) -> list:
+    """The records of both ranks of a case."""
+    return [torch.load(launched / case / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 
 def reference_model(case: str):
@@ -279,8 +314,8 @@ def reference_model(case: str):
     return model, DropBPHandler(model)
 
 
-def check_run(case: str, tmp_path: Path) -> None:
-    ranks = launch(case, tmp_path)
+def check_run(case: str, launched: Path) -> None:
+    ranks, tmp_path = launch(case, launched), launched / case
     assert [r["strategy"] for r in ranks] == (["CPUFSDPStrategy"] * 2 if case == "fsdp" else ["DDPStrategy"] * 2)
     assert ranks[0]["checkpointed"] == (8 if case == "fsdp" else 0)  # FSDP: every block recomputed in backward
 
@@ -336,18 +371,18 @@ def check_run(case: str, tmp_path: Path) -> None:
         assert torch.load(tmp_path / "step-000003" / "training_state.pth", weights_only=False)["progress"]["step"] == 3
 
 
-def test_ddp_lora_ranks_agree_and_step_equals_one_process(tmp_path):
-    check_run("lora", tmp_path)
+def test_ddp_lora_ranks_agree_and_step_equals_one_process(launched):
+    check_run("lora", launched)
 
 
-def test_ddp_full_ranks_agree_and_step_equals_one_process(tmp_path):
-    check_run("full", tmp_path)
+def test_ddp_full_ranks_agree_and_step_equals_one_process(launched):
+    check_run("full", launched)
 
 
-def test_ddp_lora_qv_survives_micro_batches_without_backward_mid_run(tmp_path):
+def test_ddp_lora_qv_survives_micro_batches_without_backward_mid_run(launched):
     """The reproducer of a crash at the step after one whose last micro-batch had no backward: DDP kept the
     parameters used earlier in that step as "used" and failed on their missing gradient in the next step."""
-    ranks = launch("lora_qv", tmp_path)
+    ranks, tmp_path = launch("lora_qv", launched), launched / "lora_qv"
     assert len(ranks[0]["masks"]) == QV_STEPS * ACCUM
     assert all(torch.equal(a, b) for a, b in zip(ranks[0]["masks"], ranks[1]["masks"]))
     final = torch.load(tmp_path / "final" / "lit_model.pth.lora", weights_only=True)
@@ -356,14 +391,14 @@ def test_ddp_lora_qv_survives_micro_batches_without_backward_mid_run(tmp_path):
     assert torch.load(tmp_path / "step-000003" / "training_state.pth", weights_only=False)["progress"]["step"] == 3
 
 
-def test_a_loss_diverging_on_one_rank_stops_every_rank(tmp_path):
-    proc = subprocess.run([sys.executable, __file__, "nan", str(tmp_path)], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    # one error from each rank (the progress bar shares stderr, hence no line anchors), read at the step's end
-    where = re.findall(r"error: non-finite loss in step 2 \(micro-batch 3, (here|on another rank)\): stopping",
-                       proc.stderr)
-    assert sorted(where) == ["here", "on another rank"], proc.stderr[-3000:]
+def test_a_loss_diverging_on_one_rank_stops_every_rank(launched):
+    assert not (launched / "nan" / "rank0.pt").exists(), "the run should have stopped"
+    # one error from each rank, read at the step's end (as printed: the progress bar shares stderr)
+    lines = [(launched / "nan" / f"error-rank{r}.txt").read_text() for r in (0, 1)]
+    where = [re.fullmatch(r"error: non-finite loss in step 2 \(micro-batch 3, (here|on another rank)\): stopping.*",
+                          line, re.DOTALL) for line in lines]
+    assert all(where), lines
+    assert sorted(w.group(1) for w in where) == ["here", "on another rank"], lines
 
 
 def gradient_collectives(step: list) -> list:
@@ -371,16 +406,12 @@ def gradient_collectives(step: list) -> list:
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_one_gradient_reduction_per_step_and_no_more_at_p_above_zero(tmp_path, strategy):
+def test_one_gradient_reduction_per_step_and_no_more_at_p_above_zero(launched, strategy):
     """Accumulation 4 on two ranks: at p = 0 our loop issues per optimizer step exactly the gradient collectives of
     litgpt's loop (DDP: its buckets once, in the last micro-batch; FSDP: one reduce-scatter per unit, and the
     all-gathers), at p = 0.5 no more, and besides them at most one small collective per log step (the divergence
     check, log_interval 2). Before, FSDP reduce-scattered in every micro-batch: four times as many."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, __file__, f"collectives_{strategy}", str(tmp_path)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    counts = torch.load(tmp_path / "collectives0.pt", weights_only=False)
+    counts = torch.load(launched / f"collectives_{strategy}" / "collectives0.pt", weights_only=False)
     methods = {"ddp": ["full", "lora"], "fsdp": ["full"]}[strategy]
     assert sorted(counts) == sorted((m, rate) for m in methods for rate in (0.0, 0.5))
     summary = {}
@@ -403,12 +434,9 @@ def test_one_gradient_reduction_per_step_and_no_more_at_p_above_zero(tmp_path, s
     print(strategy, summary)
 
 
-def test_fsdp_full_with_activation_checkpointing_ranks_agree_and_step_equals_one_process(tmp_path):
-    check_run("fsdp", tmp_path)
+def test_fsdp_full_with_activation_checkpointing_ranks_agree_and_step_equals_one_process(launched):
+    check_run("fsdp", launched)
 
 
 if __name__ == "__main__":
-    if sys.argv[1].startswith("collectives_"):
-        collectives_worker(sys.argv[1].removeprefix("collectives_"), Path(sys.argv[2]))
-    else:
-        worker(sys.argv[1], Path(sys.argv[2]))
+    run_cases(Path(sys.argv[1]))
