@@ -10,9 +10,11 @@ results JSON and the markdown row to --out_dir; eval/make_table.py puts several 
 """
 
 import difflib
+import functools
 import json
 import sys
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -22,6 +24,7 @@ if __name__ == "__main__":
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import lm_eval
+import lm_eval.evaluator
 import torch
 from jsonargparse import CLI
 from lm_eval.tasks import TaskManager
@@ -29,6 +32,8 @@ from lm_eval.utils import handle_non_serializable, make_table
 
 from eval.lm_eval_harness import CheckpointError, LitGPTLM, check_checkpoint_dir
 from eval.presets import PRESETS, Preset, markdown_table, table_row
+
+LM_EVAL_ENV_INFO = lm_eval.evaluator.add_env_info  # lm-eval's own, put back after each evaluation
 
 
 class InputError(Exception):
@@ -160,25 +165,44 @@ def main(
     return results
 
 
+@functools.cache
+def environment_info() -> dict:
+    """What lm-eval records of the environment in every result. It runs pip and other programs for it (torch's
+    collect_env: half a second a call, more than a small model's evaluation), so it is taken once per process."""
+    info = {}
+    LM_EVAL_ENV_INFO(info)
+    return info
+
+
+@contextmanager
+def environment_recorded_once():
+    lm_eval.evaluator.add_env_info = lambda results: results.update(environment_info())
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.add_env_info = LM_EVAL_ENV_INFO
+
+
 def evaluate(lm, selected, preset, num_fewshot, limit, batch_size, device, task_manager, seed,
              bootstrap_iters: int = 100000) -> dict:
     """lm-eval on ``selected``; ``bootstrap_iters`` 0 skips the standard errors (lm-eval bootstraps them on a
     process pool, about a second per call on a small model)."""
-    return lm_eval.simple_evaluate(
-        model=lm,
-        tasks=selected,
-        num_fewshot=preset.num_fewshot if preset and num_fewshot is None else num_fewshot,
-        limit=limit,
-        batch_size=batch_size,
-        device=device,
-        task_manager=task_manager,
-        log_samples=False,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-        bootstrap_iters=bootstrap_iters,
-    )
+    with environment_recorded_once():
+        return lm_eval.simple_evaluate(
+            model=lm,
+            tasks=selected,
+            num_fewshot=preset.num_fewshot if preset and num_fewshot is None else num_fewshot,
+            limit=limit,
+            batch_size=batch_size,
+            device=device,
+            task_manager=task_manager,
+            log_samples=False,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+            bootstrap_iters=bootstrap_iters,
+        )
 
 
 def hub_dataset(error: BaseException) -> Optional[str]:

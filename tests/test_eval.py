@@ -275,8 +275,28 @@ def test_cli_writes_results_and_table_row(checkpoint_dir, task_dir, tmp_path, ba
 
     # a directory evaluates every task its YAML files define
     evaluate.cli(["--checkpoint_dir", str(checkpoint_dir), "--tasks", str(task_dir), "--out_dir", str(tmp_path)])
-    results = json.loads((tmp_path / f"results_{task_dir.name}.json").read_text())
-    assert sorted(results["results"]) == ["tiny_gen", "tiny_mc", "tiny_ppl"]
+    second = json.loads((tmp_path / f"results_{task_dir.name}.json").read_text())
+    assert sorted(second["results"]) == ["tiny_gen", "tiny_mc", "tiny_ppl"]
+    # lm-eval's record of the environment, in both (taken once per process: it runs pip), and its own function back
+    assert "PyTorch version" in results["pretty_env_info"] and results["transformers_version"]
+    assert all(second[key] == results[key] for key in ("pretty_env_info", "transformers_version", "upper_git_hash"))
+    assert lm_eval.evaluator.add_env_info is evaluate.LM_EVAL_ENV_INFO
+
+
+def test_the_environment_record_is_taken_once_per_process(monkeypatch):
+    calls = []
+    monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lm_eval.evaluator.add_env_info)  # lm-eval's, back after
+    monkeypatch.setattr(evaluate, "LM_EVAL_ENV_INFO", lambda info: calls.append(1) or info.update(pretty_env_info="x"))
+    evaluate.environment_info.cache_clear()
+    try:
+        for _ in range(2):
+            results = {}
+            with evaluate.environment_recorded_once():
+                lm_eval.evaluator.add_env_info(results)
+            assert results == {"pretty_env_info": "x"}
+    finally:
+        evaluate.environment_info.cache_clear()
+    assert len(calls) == 1 and lm_eval.evaluator.add_env_info is evaluate.LM_EVAL_ENV_INFO
 
 
 def copy_checkpoint(checkpoint_dir: Path, target: Path, state_dict: dict, lora_only: bool = False) -> Path:
