@@ -7,6 +7,17 @@ import torch
 # than free cores makes CPU torch many times slower; a single pytest process takes both cores
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
+# The slowest modules first: `make test` hands whole modules to its pytest-xdist workers in collection order (--dist
+# loadfile), and one of them started last would run alone at the end while the other core idles
+SLOW_MODULES = ["test_faults.py", "test_recipes.py", "test_hf_compile.py", "test_compile.py", "test_benchmark.py",
+                "test_learning.py", "test_lora_study.py", "test_distributed.py", "test_eval.py"]
+
+
+def pytest_collection_modifyitems(items):
+    first = {name: i for i, name in enumerate(SLOW_MODULES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(SLOW_MODULES)))  # stable: the rest keep their order
+
+
 # one tiny config per block layout litgpt has (real model families, shrunk)
 TINY = dict(n_layer=2, n_embd=32, n_head=4, block_size=32, vocab_size=64, padded_vocab_size=64)
 LAYOUTS = {
