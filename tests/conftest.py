@@ -1,4 +1,7 @@
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,3 +50,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def two_processes(tmp_path_factory, worker_id) -> Path:
+    """The records of every two-process case of the suite, from one launch (tests/two_processes.py; 3 to 4 minutes
+    on 2 busy cores). Under pytest-xdist the first worker to ask launches it and the others wait for it: the launch
+    takes both cores anyway."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    root = root if worker_id == "master" else root.parent  # shared by the workers
+    out_dir = root / "two_processes"
+    with FileLock(str(root / "two_processes.lock")):
+        if not (out_dir / "returncode").exists():
+            out_dir.mkdir(exist_ok=True)
+            proc = subprocess.run([sys.executable, str(Path(__file__).with_name("two_processes.py")), str(out_dir)],
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                                  timeout=1200)
+            (out_dir / "stdout.txt").write_text(proc.stdout)
+            (out_dir / "stderr.txt").write_text(proc.stderr)
+            (out_dir / "returncode").write_text(str(proc.returncode))
+    assert (out_dir / "returncode").read_text() == "0", (out_dir / "stderr.txt").read_text()[-4000:]
+    return out_dir

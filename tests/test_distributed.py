@@ -3,9 +3,8 @@ and allocates the same rates while the data shards differ, and the first optimiz
 step on the two ranks' micro-batches with the same masks (parameters dropped everywhere get no gradient); a loss
 that diverges on one rank stops both.
 
-One launch runs every case in turn (`python tests/test_distributed.py OUT_DIR`; Fabric's launcher runs this file again
-for rank 1): the imports and the process group once, not once per case, which took most of each case's time. Each
-case records what each rank saw (`OUT_DIR/CASE/rank{0,1}.pt`) and its test rebuilds the step in this process.
+The cases run in the suite's one launch of two processes (tests/two_processes.py). This module holds their workers,
+which record what each rank saw (`CASE/rank{0,1}.pt`), and the tests, which rebuild the step in this process.
 
 FSDP: Lightning refuses it on CPU ("You selected the FSDP strategy but FSDP is only available on GPU"). torch's FSDP
 runs on CPU with gloo when given `device_id=cpu`, so the FSDP case shards the model that way first and leaves the
@@ -15,19 +14,15 @@ rest to Lightning's FSDPStrategy (auto-wrap by Block, activation checkpointing o
 import json
 import os
 import re
-import subprocess
-import sys
 from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script for the worker processes
-
-from finetune import full, loop, lora, sensitivity_pass, trainer  # noqa: E402
-from finetune import launch as launch_plan  # noqa: E402
-from finetune.args import DropBPArgs  # noqa: E402
+from finetune import full, loop, lora, sensitivity_pass, trainer
+from finetune import launch as launch_plan
+from finetune.args import DropBPArgs
 
 SEED = 1337
 LR = 0.01
@@ -203,36 +198,6 @@ def collectives_worker(strategy: str, out_dir: Path) -> None:
     torch.save(result, out_dir / f"collectives{os.environ.get('LOCAL_RANK', '0')}.pt")
 
 
-CASES = ("lora", "full", "lora_qv", "nan", "fsdp", "collectives_ddp", "collectives_fsdp")
-
-
-def run_cases(out_dir: Path) -> None:
-    """Every case in turn in this pair of processes. What a case patches is put back before the next; a case that
-    stops with an error (the diverging loss) records its line, as the CLI prints it, and the next case runs."""
-    import torch.distributed as dist
-
-    from dropbp import DropBPHandler
-
-    patched = [(DropBPHandler, "sample"), (loop, "CycleIterator"), (loop, "probe_batch"), (loop, "micro_batch_loss"),
-               (sensitivity_pass, "compute_sensitivity"), (trainer, "fit"), (launch_plan, "choose_strategy"),
-               (full, "finalize")] + [(dist, name) for name in COLLECTIVES]
-    for case in CASES:
-        originals = [(owner, name, getattr(owner, name)) for owner, name in patched]
-        case_dir = out_dir / case
-        case_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            if case.startswith("collectives_"):
-                collectives_worker(case.removeprefix("collectives_"), case_dir)
-            else:
-                worker(case, case_dir)
-        except trainer.UsageError as e:
-            print(f"error: {e}", file=sys.stderr)
-            (case_dir / f"error-rank{os.environ.get('LOCAL_RANK', '0')}.txt").write_text(f"error: {e}")
-        finally:
-            for owner, name, value in originals:
-                setattr(owner, name, value)
-
-
 def cpu_fsdp_strategy():
     from lightning.fabric.strategies import FSDPStrategy
     from litgpt.model import Block
@@ -270,23 +235,12 @@ def trainable_state(model) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- the tests
-# one launch for the module's tests (`make test` keeps a module on one pytest-xdist worker: --dist loadfile)
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")  # other processes take the cores
 
 
-@pytest.fixture(scope="module")
-def launched(tmp_path_factory) -> Path:
-    """Every case's records, from one launch of two processes (about 3 minutes on 2 busy cores)."""
-    out_dir = tmp_path_factory.mktemp("two_processes")
-    proc = subprocess.run([sys.executable, __file__, str(out_dir)], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return out_dir
-
-
-def launch(case: str, launched: Path) -> list:
+def launch(case: str, two_processes: Path) -> list:
     """The records of both ranks of a case."""
-    return [torch.load(launched / case / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    return [torch.load(two_processes / case / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 
 def reference_model(case: str):
@@ -314,8 +268,8 @@ def reference_model(case: str):
     return model, DropBPHandler(model)
 
 
-def check_run(case: str, launched: Path) -> None:
-    ranks, tmp_path = launch(case, launched), launched / case
+def check_run(case: str, two_processes: Path) -> None:
+    ranks, tmp_path = launch(case, two_processes), two_processes / case
     assert [r["strategy"] for r in ranks] == (["CPUFSDPStrategy"] * 2 if case == "fsdp" else ["DDPStrategy"] * 2)
     assert ranks[0]["checkpointed"] == (8 if case == "fsdp" else 0)  # FSDP: every block recomputed in backward
 
@@ -371,18 +325,18 @@ def check_run(case: str, launched: Path) -> None:
         assert torch.load(tmp_path / "step-000003" / "training_state.pth", weights_only=False)["progress"]["step"] == 3
 
 
-def test_ddp_lora_ranks_agree_and_step_equals_one_process(launched):
-    check_run("lora", launched)
+def test_ddp_lora_ranks_agree_and_step_equals_one_process(two_processes):
+    check_run("lora", two_processes)
 
 
-def test_ddp_full_ranks_agree_and_step_equals_one_process(launched):
-    check_run("full", launched)
+def test_ddp_full_ranks_agree_and_step_equals_one_process(two_processes):
+    check_run("full", two_processes)
 
 
-def test_ddp_lora_qv_survives_micro_batches_without_backward_mid_run(launched):
+def test_ddp_lora_qv_survives_micro_batches_without_backward_mid_run(two_processes):
     """The reproducer of a crash at the step after one whose last micro-batch had no backward: DDP kept the
     parameters used earlier in that step as "used" and failed on their missing gradient in the next step."""
-    ranks, tmp_path = launch("lora_qv", launched), launched / "lora_qv"
+    ranks, tmp_path = launch("lora_qv", two_processes), two_processes / "lora_qv"
     assert len(ranks[0]["masks"]) == QV_STEPS * ACCUM
     assert all(torch.equal(a, b) for a, b in zip(ranks[0]["masks"], ranks[1]["masks"]))
     final = torch.load(tmp_path / "final" / "lit_model.pth.lora", weights_only=True)
@@ -391,10 +345,10 @@ def test_ddp_lora_qv_survives_micro_batches_without_backward_mid_run(launched):
     assert torch.load(tmp_path / "step-000003" / "training_state.pth", weights_only=False)["progress"]["step"] == 3
 
 
-def test_a_loss_diverging_on_one_rank_stops_every_rank(launched):
-    assert not (launched / "nan" / "rank0.pt").exists(), "the run should have stopped"
+def test_a_loss_diverging_on_one_rank_stops_every_rank(two_processes):
+    assert not (two_processes / "nan" / "rank0.pt").exists(), "the run should have stopped"
     # one error from each rank, read at the step's end (as printed: the progress bar shares stderr)
-    lines = [(launched / "nan" / f"error-rank{r}.txt").read_text() for r in (0, 1)]
+    lines = [(two_processes / "nan" / f"error-rank{r}.txt").read_text() for r in (0, 1)]
     where = [re.fullmatch(r"error: non-finite loss in step 2 \(micro-batch 3, (here|on another rank)\): stopping.*",
                           line, re.DOTALL) for line in lines]
     assert all(where), lines
@@ -406,12 +360,12 @@ def gradient_collectives(step: list) -> list:
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_one_gradient_reduction_per_step_and_no_more_at_p_above_zero(launched, strategy):
+def test_one_gradient_reduction_per_step_and_no_more_at_p_above_zero(two_processes, strategy):
     """Accumulation 4 on two ranks: at p = 0 our loop issues per optimizer step exactly the gradient collectives of
     litgpt's loop (DDP: its buckets once, in the last micro-batch; FSDP: one reduce-scatter per unit, and the
     all-gathers), at p = 0.5 no more, and besides them at most one small collective per log step (the divergence
     check, log_interval 2). Before, FSDP reduce-scattered in every micro-batch: four times as many."""
-    counts = torch.load(launched / f"collectives_{strategy}" / "collectives0.pt", weights_only=False)
+    counts = torch.load(two_processes / f"collectives_{strategy}" / "collectives0.pt", weights_only=False)
     methods = {"ddp": ["full", "lora"], "fsdp": ["full"]}[strategy]
     assert sorted(counts) == sorted((m, rate) for m in methods for rate in (0.0, 0.5))
     summary = {}
@@ -434,9 +388,5 @@ def test_one_gradient_reduction_per_step_and_no_more_at_p_above_zero(launched, s
     print(strategy, summary)
 
 
-def test_fsdp_full_with_activation_checkpointing_ranks_agree_and_step_equals_one_process(launched):
-    check_run("fsdp", launched)
-
-
-if __name__ == "__main__":
-    run_cases(Path(sys.argv[1]))
+def test_fsdp_full_with_activation_checkpointing_ranks_agree_and_step_equals_one_process(two_processes):
+    check_run("fsdp", two_processes)

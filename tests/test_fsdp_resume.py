@@ -3,22 +3,18 @@ with activation checkpointing, as `finetune/full.py --devices 2` runs on GPUs. B
 names without FSDP's wrappers (`wte`, `ln_f`, `lm_head`), and resuming silently restarted every block from the
 pretrained weights.
 
-The test runs `python tests/test_fsdp_resume.py OUT_DIR`; Fabric's launcher runs this file again for rank 1. In one
-launch, each rank runs the recipe uninterrupted, then again stopped right after its step-2 save (as a kill there),
-then resumed with `--resume auto`, and records the trained weights of both runs.
+The case runs in the suite's one launch of two processes (tests/two_processes.py): each rank runs the recipe
+uninterrupted, then again stopped right after its step-2 save (as a kill there), then resumed with `--resume auto`,
+and records the trained weights of both runs.
 """
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script for the worker processes
-
-from tests.test_distributed import SEED, SGD, cpu_fsdp_strategy, trainable_state  # noqa: E402
+from tests.test_distributed import SEED, SGD, cpu_fsdp_strategy, trainable_state
 
 STEPS, SAVE_AT = 4, 2
 
@@ -95,20 +91,19 @@ def worker(out_dir: Path) -> None:
 pytestmark = pytest.mark.usefixtures("one_thread")  # other processes take the cores
 
 
-def test_fsdp_step_checkpoints_hold_every_trainable_tensor_and_resume_exactly(tmp_path):
+def test_fsdp_step_checkpoints_hold_every_trainable_tensor_and_resume_exactly(two_processes):
     from litgpt.config import Config
 
     from lit_gpt.model import GPT
     from lit_gpt.tiny_model import ensure_tiny_checkpoint
 
-    proc = subprocess.run([sys.executable, __file__, str(tmp_path)], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    tmp_path = two_processes / "fsdp_resume"
     names = {n for n, _ in GPT(Config.from_file(ensure_tiny_checkpoint() / "model_config.yaml")).named_parameters()}
     for run in ("uninterrupted", "resumed"):
         saved = torch.load(tmp_path / run / f"step-{SAVE_AT:06d}" / "training_state.pth", weights_only=True)
         assert saved["model"].keys() == names  # every block, not only wte, ln_f and lm_head
-    assert f"Resumed from {tmp_path / 'resumed' / f'step-{SAVE_AT:06d}' / 'training_state.pth'}" in proc.stdout
+    resumed_from = tmp_path / "resumed" / f"step-{SAVE_AT:06d}" / "training_state.pth"
+    assert f"Resumed from {resumed_from}" in (two_processes / "stdout.txt").read_text()
     for rank in (0, 1):
         trained = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         expected, resumed = trained["uninterrupted"], trained["resumed"]
@@ -116,7 +111,3 @@ def test_fsdp_step_checkpoints_hold_every_trainable_tensor_and_resume_exactly(tm
         assert all(torch.equal(resumed[n], expected[n]) for n in names), rank
     pretrained = torch.load(ensure_tiny_checkpoint() / "lit_model.pth", weights_only=True)
     assert all(not torch.equal(expected[n], pretrained[n]) for n in names if ".h." in n)  # the blocks trained
-
-
-if __name__ == "__main__":
-    worker(Path(sys.argv[1]))

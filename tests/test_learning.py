@@ -2,23 +2,19 @@
 validation loss is at least MARGIN below the untrained model's (the initial validation), on one process and on two
 (`--devices 2`, gloo). Exit status 0 proves nothing: QLoRA once exited 0 having learned nothing.
 
-The two-process case runs `python tests/test_learning.py OUT_DIR`; Fabric's launcher runs this file again for rank 1,
-and both run every recipe in turn (one launch: the imports once).
+The two-process case runs in the suite's one launch of two processes (tests/two_processes.py): both ranks run every
+recipe in turn.
 """
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script for the worker processes
-
-from finetune import adapter, full, lora, qlora, trainer  # noqa: E402
-from finetune.args import DropBPArgs, PLDArgs  # noqa: E402
-from tests.test_recipes import logged  # noqa: E402
+from finetune import adapter, full, lora, qlora, trainer
+from finetune.args import DropBPArgs, PLDArgs
+from tests.test_recipes import logged
 
 MARGIN = 0.1  # nats below the untrained model's validation loss; measured falls at 20 steps: 0.18 (LoRA q, v) to 2.2
 STEPS = 20
@@ -87,21 +83,17 @@ def test_every_recipe_learns_on_one_process(tmp_path, capsys):
     assert abs(final["qlora"] - final["lora"]) < 0.15, final
 
 
-def test_every_recipe_learns_on_two_processes(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, __file__, str(tmp_path)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def two_process_worker(out_dir: Path) -> None:
+    """Each rank: every multi-device recipe in turn, its trainable tensors before and after saved."""
     for name in MULTI_DEVICE:
-        ranks = [torch.load(tmp_path / name / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+        recorded = run_recipe(name, out_dir / name, devices=2)
+        torch.save(recorded, out_dir / name / f"rank{os.environ.get('LOCAL_RANK', '0')}.pt")
+
+
+def test_every_recipe_learns_on_two_processes(two_processes):
+    out_dir = two_processes / "learning"
+    for name in MULTI_DEVICE:
+        ranks = [torch.load(out_dir / name / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
         for n, after in ranks[0]["after"].items():
             assert torch.equal(ranks[1]["after"][n], after), (name, n)  # the ranks agree
-        assert_learned(name, tmp_path / name, ranks[0])
-
-
-if __name__ == "__main__":
-    out = Path(sys.argv[1])
-    torch.set_num_threads(1)
-    for recipe_name in MULTI_DEVICE:
-        recorded = run_recipe(recipe_name, out / recipe_name, devices=2)
-        torch.save(recorded, out / recipe_name / f"rank{os.environ.get('LOCAL_RANK', '0')}.pt")
+        assert_learned(name, out_dir / name, ranks[0])
