@@ -38,12 +38,12 @@ test:
 	$(MAKE) -j2 --output-sync=target test-fork test-hf
 
 test-fork: install
-	$(PY) -m pytest -n $(WORKERS) --dist loadfile tests
+	$(PY) -m pytest -n $(WORKERS) --dist loadfile --durations=20 tests
 
 # the integration's tests and the plain-loop example against the installed library (run outside the checkout)
 test-hf: $(HF_VENV)/.installed
 	$(call UV,$(HF_VENV)) --reinstall --no-deps .
-	$(HF_PY) -m pytest -n $(WORKERS) --dist loadfile $(wildcard tests/test_hf*.py)
+	$(HF_PY) -m pytest -n $(WORKERS) --dist loadfile --durations=20 $(wildcard tests/test_hf*.py)
 	cd /tmp && $(abspath $(HF_PY)) $(abspath examples/plain_loop.py) --steps 20
 
 # the demo's own out_dir, replaced on every run: `make demo` runs again; a run of yours elsewhere is never touched

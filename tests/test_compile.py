@@ -64,6 +64,8 @@ def train(model, steps: int, seed: int = 0) -> tuple:
     return torch.stack(losses), masks, model
 
 
+# over 30 s for LoRA and the adapter (whose two kinds of block double the graphs): Dynamo and AOTAutograd trace
+# every graph that the property counts
 @pytest.mark.parametrize("method", ["full", "lora", "adapter"])
 def test_compiled_branches_train_like_eager_with_bounded_graphs(method):
     torch._dynamo.reset()

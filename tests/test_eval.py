@@ -362,6 +362,7 @@ def test_bad_input_is_one_line_on_stderr(case, message, checkpoint_dir, task_dir
         assert "litgpt merge_lora" in stderr and "final/" in stderr
 
 
+# over 30 s: a fresh process importing lm-eval and litgpt, as a user's shell runs the script
 def test_script_reports_an_unknown_task_without_traceback(checkpoint_dir):
     result = subprocess.run(
         [sys.executable, "eval/evaluate.py", "--checkpoint_dir", str(checkpoint_dir), "--tasks", "piqaa"],

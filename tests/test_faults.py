@@ -68,6 +68,8 @@ def assert_checkpoints_load(out_dir: Path) -> None:
         assert all(torch.isfinite(v).all() for v in state["model"].values()), path
 
 
+# over 30 s: five recipe processes (the reference, two victims, two resumes), each importing litgpt (~12 s): real
+# signals need real processes
 def test_sigkill_or_sigterm_then_resume_auto_gives_the_uninterrupted_run(tmp_path):
     """SIGKILL loses at most the steps since the last save; SIGTERM (a cluster's preemption) saves the last completed
     step first and exits with 143. Either way the resumed run logs the uninterrupted run's losses and ends with its
@@ -297,6 +299,7 @@ def test_resume_refuses_a_checkpoint_missing_a_trainable_tensor(tmp_path):
     assert f"lacks 1 of the model's trainable tensors (e.g. {dropped})" in message and "\n" not in message
 
 
+# over 30 s: three two-process runs (the reference, the victim, the resume): a real signal to a real process group
 def test_sigterm_to_every_rank_of_a_two_process_run_saves_one_step_and_resumes_exactly(tmp_path):
     """SLURM and Kubernetes signal every process of a job. Several ranks cannot each save where the signal found
     them (a save is a collective): the signal is held until the ranks agree on it at the next log step, where all

@@ -162,6 +162,7 @@ def test_whole_model_graph_count_does_not_grow_with_depth():
     assert counts[0] == counts[1], counts
 
 
+# over 30 s: Dynamo traces PEFT's LoRA layers inside every branch graph (training and no-grad)
 def test_compile_branches_with_peft_lora():
     """PEFT LoRA (frozen base): a branch's input requires grad or not (not before the first kept branch with LoRA
     weights), which doubles the bound; the LoRA gradients equal the eager gated model's."""

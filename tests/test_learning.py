@@ -72,6 +72,7 @@ def assert_learned(name: str, out_dir: Path, states: dict) -> float:
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+# over 30 s: six recipes x 20 steps with validation; fewer steps do not separate learning from noise (MARGIN)
 def test_every_recipe_learns_on_one_process(tmp_path, capsys):
     final = {}
     for name in RECIPES:

@@ -13,6 +13,8 @@ from scripts.study_grid import BASELINE, EQUAL_FLOPS, EQUAL_STEPS, Job, cached_r
 from scripts.study_report import by_config, percent, row_stats
 
 
+# over 30 s (about 60 to 90): the quick study is 60 fine-tuning runs with their held-out evaluations, made once for
+# the module's tests
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora_study")

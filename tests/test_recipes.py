@@ -66,6 +66,8 @@ def test_recipe_runs_with_sensitivity_allocation(tmp_path, recipe, final_file):
         model.load_state_dict(torch.load(tmp_path / "final" / "lit_model.pth", weights_only=True))
 
 
+# over 30 s: Dynamo traces every graph of a run (training and evaluation, the sensitivity pass, a second length
+# made dynamic), and inductor generates LoRA's kernels
 @pytest.mark.parametrize("recipe, weights", [(lora, "lit_model.pth"), (adapter, "lit_model.pth.adapter_v2")],
                          ids=["lora", "adapter"])
 def test_compiled_branches_recipe(tmp_path, capsys, monkeypatch, recipe, weights):
