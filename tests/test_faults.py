@@ -68,14 +68,13 @@ def assert_checkpoints_load(out_dir: Path) -> None:
         assert all(torch.isfinite(v).all() for v in state["model"].values()), path
 
 
-# over 30 s: five recipe processes (the reference, two victims, two resumes), each importing litgpt (~12 s): real
-# signals need real processes
-def test_sigkill_or_sigterm_then_resume_auto_gives_the_uninterrupted_run(tmp_path):
+# over 30 s: four recipe processes (two victims, two resumes), each importing litgpt (~12 s): real signals need
+# real processes
+def test_sigkill_or_sigterm_then_resume_auto_gives_the_uninterrupted_run(tmp_path, monkeypatch):
     """SIGKILL loses at most the steps since the last save; SIGTERM (a cluster's preemption) saves the last completed
     step first and exits with 143. Either way the resumed run logs the uninterrupted run's losses and ends with its
-    weights. Both victims run beside the uninterrupted run, each stopped after a random number of saves plus a random
-    part of a step (possibly in the middle of a save)."""
-    reference = start(tmp_path / "uninterrupted")
+    weights. Each victim is stopped after a random number of saves plus a random part of a step (possibly in the
+    middle of a save); the uninterrupted run is the same command line, run in this process."""
     victims = {sig: (tmp_path / sig.name, start(tmp_path / sig.name)) for sig in (signal.SIGKILL, signal.SIGTERM)}
     rng = random.Random()
     stopped = {}
@@ -89,7 +88,8 @@ def test_sigkill_or_sigterm_then_resume_auto_gives_the_uninterrupted_run(tmp_pat
         time.sleep(delay)
         victim.send_signal(sig)
         stopped[sig] = f"{sig.name} after {saves} saves + {delay:.2f}s"
-    assert finish(reference)[0] == 0
+    monkeypatch.setattr(sys, "argv", ["lora.py", *ARGS, "--out_dir", str(tmp_path / "uninterrupted")])
+    trainer.cli(lora.setup)
     expected = losses(tmp_path / "uninterrupted", 0)
     assert sorted(expected) == list(range(1, MAX_STEPS + 1))
     expected_weights = torch.load(tmp_path / "uninterrupted" / "final" / "lit_model.pth.lora", weights_only=True)
