@@ -10,7 +10,8 @@ TORCH := torch==2.13.0
 FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
 UV = $(if $(FIND_LINKS),UV_FIND_LINKS="$(FIND_LINKS)") $(1)/bin/uv pip install --quiet --python $(1)/bin/python
 # pytest-xdist workers: the suite is mostly single-threaded Python, imports and process start-ups. --dist loadfile
-# keeps a module's tests on one worker, so that a module's fixture (a multi-process launch, a study) runs once
+# keeps a module's tests on one worker, so that a module's fixture (a study, a checkpoint) runs once; the integration's
+# tests spread one by one (its compile tests in one module would run alone on one core)
 WORKERS ?= 2
 
 .PHONY: install test test-fork test-hf demo clean
@@ -43,7 +44,7 @@ test-fork: install
 # the integration's tests and the plain-loop example against the installed library (run outside the checkout)
 test-hf: $(HF_VENV)/.installed
 	$(call UV,$(HF_VENV)) --reinstall --no-deps .
-	$(HF_PY) -m pytest -n $(WORKERS) --dist loadfile --durations=20 $(wildcard tests/test_hf*.py)
+	$(HF_PY) -m pytest -n $(WORKERS) --durations=20 $(wildcard tests/test_hf*.py)
 	cd /tmp && $(abspath $(HF_PY)) $(abspath examples/plain_loop.py) --steps 20
 
 # the demo's own out_dir, replaced on every run: `make demo` runs again; a run of yours elsewhere is never touched
