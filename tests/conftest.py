@@ -14,7 +14,7 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 # loadfile), and one of them started last would run alone at the end while the other core idles. test_distributed
 # starts the two-process launch (the `two_processes` fixture) at once; the other modules that read it come after
 # several minutes of other work, so that no worker waits for it.
-SLOW_MODULES = ["test_distributed.py", "test_faults.py", "test_recipes.py", "test_hf_compile.py", "test_compile.py",
+SLOW_MODULES = ["test_distributed.py", "test_recipes.py", "test_hf_compile.py", "test_compile.py", "test_faults.py",
                 "test_benchmark.py", "test_learning.py", "test_lora_study.py", "test_eval.py"]
 
 

@@ -68,13 +68,20 @@ def assert_checkpoints_load(out_dir: Path) -> None:
         assert all(torch.isfinite(v).all() for v in state["model"].values()), path
 
 
-# over 30 s: four recipe processes (two victims, two resumes), each importing litgpt (~12 s): real signals need
-# real processes
-def test_sigkill_or_sigterm_then_resume_auto_gives_the_uninterrupted_run(tmp_path, monkeypatch):
+def run_in_process(monkeypatch, out_dir: Path, *extra: str) -> None:
+    """The command line of `start`, run in this process (no litgpt import to wait for): its errors end it as the
+    CLI's one line and exit status (SystemExit)."""
+    monkeypatch.setattr(sys, "argv", ["lora.py", *ARGS, "--out_dir", str(out_dir), *extra])
+    trainer.cli(lora.setup)
+
+
+# over 30 s: two recipe processes (the victims), each importing litgpt (~12 s), and three runs to the end: real
+# signals need real processes
+def test_sigkill_or_sigterm_then_resume_auto_gives_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
     """SIGKILL loses at most the steps since the last save; SIGTERM (a cluster's preemption) saves the last completed
     step first and exits with 143. Either way the resumed run logs the uninterrupted run's losses and ends with its
     weights. Each victim is stopped after a random number of saves plus a random part of a step (possibly in the
-    middle of a save); the uninterrupted run is the same command line, run in this process."""
+    middle of a save); the uninterrupted run and the resumes are the same command lines, run in this process."""
     victims = {sig: (tmp_path / sig.name, start(tmp_path / sig.name)) for sig in (signal.SIGKILL, signal.SIGTERM)}
     rng = random.Random()
     stopped = {}
@@ -88,8 +95,7 @@ def test_sigkill_or_sigterm_then_resume_auto_gives_the_uninterrupted_run(tmp_pat
         time.sleep(delay)
         victim.send_signal(sig)
         stopped[sig] = f"{sig.name} after {saves} saves + {delay:.2f}s"
-    monkeypatch.setattr(sys, "argv", ["lora.py", *ARGS, "--out_dir", str(tmp_path / "uninterrupted")])
-    trainer.cli(lora.setup)
+    run_in_process(monkeypatch, tmp_path / "uninterrupted")
     expected = losses(tmp_path / "uninterrupted", 0)
     assert sorted(expected) == list(range(1, MAX_STEPS + 1))
     expected_weights = torch.load(tmp_path / "uninterrupted" / "final" / "lit_model.pth.lora", weights_only=True)
@@ -107,8 +113,9 @@ def test_sigkill_or_sigterm_then_resume_auto_gives_the_uninterrupted_run(tmp_pat
         else:  # nothing lost: the last logged step is saved
             assert err.strip().splitlines()[-1].startswith("terminated: ") and "Traceback" not in err
             assert max(logged_before) == last_saved, (stopped[sig], err[-2000:])
-        code, out, err = finish(start(out_dir, "--resume", "auto"))
-        assert code == 0, f"{stopped[sig]}: {err[-2000:]}"
+        capsys.readouterr()
+        run_in_process(monkeypatch, out_dir, "--resume", "auto")  # resuming needs no signal: no new process
+        out = capsys.readouterr().out
         assert f"Resumed from {out_dir / f'step-{last_saved:06d}' / 'training_state.pth'} at step {last_saved}" in out
         resumed = losses(out_dir, 1)
         assert sorted(resumed) == list(range(last_saved + 1, MAX_STEPS + 1)), stopped[sig]
@@ -127,11 +134,14 @@ def test_sigkill_or_sigterm_then_resume_auto_gives_the_uninterrupted_run(tmp_pat
     ],
     ids=["loss", "sensitivity-pass"],
 )
-def test_diverged_loss_stops_with_one_clear_line_and_intact_checkpoints(tmp_path, allocation, message, saved):
+def test_diverged_loss_stops_with_one_clear_line_and_intact_checkpoints(tmp_path, monkeypatch, capsys, allocation,
+                                                                        message, saved):
     sgd = '{"class_path": "torch.optim.SGD", "init_args": {"lr": 1e30}}'
-    code, out, err = finish(start(tmp_path, "--optimizer", sgd, "--dropbp.allocation", allocation,
-                                  "--train.save_interval", "1", "--train.max_steps", "4"))
-    assert code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        run_in_process(monkeypatch, tmp_path, "--optimizer", sgd, "--dropbp.allocation", allocation,
+                       "--train.save_interval", "1", "--train.max_steps", "4")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
     assert "Traceback" not in err
     line = err.strip().splitlines()[-1]
     assert line.startswith(message), line
@@ -299,14 +309,23 @@ def test_resume_refuses_a_checkpoint_missing_a_trainable_tensor(tmp_path):
     assert f"lacks 1 of the model's trainable tensors (e.g. {dropped})" in message and "\n" not in message
 
 
-# over 30 s: three two-process runs (the reference, the victim, the resume): a real signal to a real process group
-def test_sigterm_to_every_rank_of_a_two_process_run_saves_one_step_and_resumes_exactly(tmp_path):
+TWO_PROCESS_ARGS = ["--devices", "2", "--train.save_interval", "1000", "--eval.interval", "1", "--eval.max_iters", "1",
+                    "--eval.max_new_tokens", "0", "--dropbp.allocation", "uniform"]
+
+
+def two_process_reference(out_dir: Path) -> None:
+    """The uninterrupted two-process run of the test below: a case of the suite's two-process launch
+    (tests/two_processes.py), the same command line as the victim's."""
+    sys.argv = ["lora.py", *ARGS, *TWO_PROCESS_ARGS, "--out_dir", str(out_dir / "uninterrupted")]
+    trainer.cli(lora.setup)
+
+
+# over 30 s: two two-process runs (the victim, the resume): a real signal to a real process group
+def test_sigterm_to_every_rank_of_a_two_process_run_saves_one_step_and_resumes_exactly(tmp_path, two_processes):
     """SLURM and Kubernetes signal every process of a job. Several ranks cannot each save where the signal found
     them (a save is a collective): the signal is held until the ranks agree on it at the next log step, where all
     of them save that step and exit with 143. Nothing was saved before (no --train.save_interval step)."""
-    args = ["--devices", "2", "--train.save_interval", "1000", "--eval.interval", "1", "--eval.max_iters", "1",
-            "--eval.max_new_tokens", "0", "--dropbp.allocation", "uniform"]
-    reference = start(tmp_path / "uninterrupted", *args)
+    args = TWO_PROCESS_ARGS
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     victim = subprocess.Popen([sys.executable, str(ROOT / "finetune" / "lora.py"), *ARGS, *args, "--out_dir",
                                str(tmp_path / "preempted")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -325,13 +344,13 @@ def test_sigterm_to_every_rank_of_a_two_process_run_saves_one_step_and_resumes_e
     assert len(saved) == 1 and saved[0] >= 3 and f"step-{saved[0]:06d}/training_state.pth holds step" in last
     code, out, err = finish(start(tmp_path / "preempted", *args, "--resume", "auto"))
     assert code == 0, err[-3000:]
-    assert finish(reference)[0] == 0
-    expected = losses(tmp_path / "uninterrupted", 0)
+    reference = two_processes / "sigterm_reference" / "uninterrupted"
+    expected = losses(reference, 0)
     resumed = losses(tmp_path / "preempted", 1)
     assert sorted(resumed) == list(range(saved[0] + 1, MAX_STEPS + 1))
     assert resumed == {s: expected[s] for s in resumed}
-    weights = [torch.load(tmp_path / run / "final" / "lit_model.pth.lora", weights_only=True)
-               for run in ("uninterrupted", "preempted")]
+    weights = [torch.load(run / "final" / "lit_model.pth.lora", weights_only=True)
+               for run in (reference, tmp_path / "preempted")]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 

@@ -7,6 +7,7 @@ line, as the CLI prints it, and the next case runs. tests/conftest.py launches t
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
 
 from finetune import full, loop, sensitivity_pass, trainer  # noqa: E402
 from finetune import launch as launch_plan  # noqa: E402
-from tests import test_distributed, test_fsdp_resume, test_learning  # noqa: E402
+from tests import test_distributed, test_faults, test_fsdp_resume, test_learning  # noqa: E402
 
 CASES = {
     **{case: lambda out_dir, case=case: test_distributed.worker(case, out_dir)
@@ -25,6 +26,7 @@ CASES = {
        for strategy in ("ddp", "fsdp")},
     "fsdp_resume": test_fsdp_resume.worker,
     "learning": test_learning.two_process_worker,
+    "sigterm_reference": test_faults.two_process_reference,
 }
 
 
@@ -38,11 +40,12 @@ def run_cases(out_dir: Path) -> None:
     patched = [(DropBPHandler, "sample"), (loop, "CycleIterator"), (loop, "probe_batch"), (loop, "micro_batch_loss"),
                (loop, "save_training_state"), (sensitivity_pass, "compute_sensitivity"), (trainer, "fit"),
                (launch_plan, "choose_strategy"), (full, "finalize"), (lightning_fsdp, "_get_full_state_dict_context"),
-               ] + [(dist, name) for name in test_distributed.COLLECTIVES]
+               (sys, "argv")] + [(dist, name) for name in test_distributed.COLLECTIVES]
     for case, run in CASES.items():
         originals = [(owner, name, getattr(owner, name)) for owner, name in patched]
         case_dir = out_dir / case
         case_dir.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
         try:
             run(case_dir)
         except trainer.UsageError as e:
@@ -51,6 +54,7 @@ def run_cases(out_dir: Path) -> None:
         finally:
             for owner, name, value in originals:
                 setattr(owner, name, value)
+            print(f"{case}: {time.perf_counter() - start:.1f} s")  # in the launch's stdout.txt
 
 
 if __name__ == "__main__":
