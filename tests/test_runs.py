@@ -273,13 +273,14 @@ def test_help_describes_every_option(monkeypatch, capsys):
 
 
 def test_make_demo_runs_again(tmp_path, monkeypatch, capsys):
-    """`make demo` twice: its own command line (read from the Makefile, shortened to 2 steps, into a temporary
-    out_dir) must not refuse the second run."""
+    """`make demo` twice: its own command line (read from the Makefile, shortened to 2 steps and 2 validation
+    batches, into a temporary out_dir) must not refuse the second run."""
     line = next(row for row in (Path(__file__).parents[1] / "Makefile").read_text().splitlines()
                 if "finetune/lora.py" in row and row.startswith("\t"))
     argv = line.split("finetune/lora.py", 1)[1].split()
     argv[argv.index("--out_dir") + 1] = str(tmp_path / "demo")
     for _ in range(2):
-        monkeypatch.setattr(sys, "argv", ["lora.py", *argv, "--train.max_steps", "2", "--eval.max_new_tokens", "0"])
+        monkeypatch.setattr(sys, "argv", ["lora.py", *argv, "--train.max_steps", "2", "--eval.max_new_tokens", "0",
+                                          "--eval.max_iters", "2"])
         trainer.cli(lora.setup)
     assert sorted(logged(tmp_path / "demo")) == [1, 2] and (tmp_path / "demo" / "final" / "lit_model.pth").is_file()
