@@ -15,8 +15,9 @@ UV = $(if $(FIND_LINKS),UV_FIND_LINKS="$(FIND_LINKS)") $(1)/bin/uv pip install -
 # minutes of CPU)
 export PYTHONDONTWRITEBYTECODE :=
 # pytest-xdist workers: the suite is mostly single-threaded Python, imports and process start-ups. --dist loadfile
-# keeps a module's tests on one worker, so that a module's fixture (a study, a checkpoint) runs once; the integration's
-# tests spread one by one (its compile tests in one module would run alone on one core)
+# keeps a module's tests on one worker, so that a module's fixture (a study, a checkpoint) runs once, and
+# --no-loadscope-reorder hands them out in tests/conftest.py's order (slowest first), not by number of tests; the
+# integration's tests spread one by one (its compile tests in one module would run alone on one core)
 WORKERS ?= 2
 
 .PHONY: install test test-fork test-hf demo clean
@@ -44,13 +45,13 @@ test:
 	$(MAKE) -j2 --output-sync=target test-fork test-hf
 
 test-fork: install
-	$(PY) -m pytest -n $(WORKERS) --dist loadfile --durations=20 tests
+	$(PY) -m pytest -n $(WORKERS) --dist loadfile --no-loadscope-reorder --durations=20 tests
 
-# the integration's tests and the plain-loop example against the installed library (run outside the checkout)
+# the integration's tests against the installed library; among them the plain-loop example runs outside the checkout
+# (tests/test_hf_standalone.py), so that it imports the installed dropbp
 test-hf: $(HF_VENV)/.installed
 	$(call UV,$(HF_VENV)) --reinstall --no-deps .
 	$(HF_PY) -m pytest -n $(WORKERS) --durations=20 $(wildcard tests/test_hf*.py)
-	cd /tmp && $(abspath $(HF_PY)) $(abspath examples/plain_loop.py) --steps 20
 
 # the demo's own out_dir, replaced on every run: `make demo` runs again; a run of yours elsewhere is never touched
 demo: install

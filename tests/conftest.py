@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,16 +12,17 @@ import torch
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 # The slowest modules first: `make test` hands whole modules to its pytest-xdist workers in collection order (--dist
-# loadfile), and one of them started last would run alone at the end while the other core idles. test_distributed
-# starts the two-process launch (the `two_processes` fixture) at once; the other modules that read it come after
-# several minutes of other work, so that no worker waits for it.
-SLOW_MODULES = ["test_distributed.py", "test_recipes.py", "test_hf_compile.py", "test_compile.py", "test_faults.py",
-                "test_benchmark.py", "test_learning.py", "test_lora_study.py", "test_eval.py"]
+# loadfile --no-loadscope-reorder), and one of them started last would run alone at the end while the other core
+# idles. The two-process launch starts with the session (`start_two_processes`); test_distributed, which only reads
+# its records, comes last.
+SLOW_MODULES = ["test_recipes.py", "test_hf_compile.py", "test_compile.py", "test_faults.py", "test_benchmark.py",
+                "test_learning.py", "test_lora_study.py", "test_eval.py"]
+LAST_MODULES = ["test_distributed.py"]
 
 
 def pytest_collection_modifyitems(items):
-    first = {name: i for i, name in enumerate(SLOW_MODULES)}
-    items.sort(key=lambda item: first.get(item.path.name, len(SLOW_MODULES)))  # stable: the rest keep their order
+    order = {name: i for i, name in enumerate(SLOW_MODULES + [None] + LAST_MODULES)}
+    items.sort(key=lambda item: order.get(item.path.name, len(SLOW_MODULES)))  # stable: the rest keep their order
 
 
 # one tiny config per block layout litgpt has (real model families, shrunk)
@@ -54,24 +56,38 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
-def two_processes(tmp_path_factory, worker_id) -> Path:
-    """The records of every two-process case of the suite, from one launch (tests/two_processes.py; 3 to 4 minutes
-    on 2 busy cores). Under pytest-xdist the first worker to ask launches it and the others wait for it: the launch
-    takes both cores anyway."""
+def two_processes_dir(tmp_path_factory, worker_id) -> Path:
+    root = tmp_path_factory.getbasetemp()
+    return (root if worker_id == "master" else root.parent) / "two_processes"  # shared by the pytest-xdist workers
+
+
+@pytest.fixture(scope="session", autouse=True)
+def start_two_processes(request, tmp_path_factory, worker_id):
+    """Start the suite's one two-process launch (tests/two_processes.py; 2 to 4 minutes on 2 busy cores) in the
+    background as soon as a session that reads it begins, so that no worker sits idle waiting for it. The first
+    worker starts it; it writes `returncode` when done."""
+    if not any("two_processes" in item.fixturenames for item in request.session.items):
+        return
     from filelock import FileLock
 
-    root = tmp_path_factory.getbasetemp()
-    root = root if worker_id == "master" else root.parent  # shared by the workers
-    out_dir = root / "two_processes"
-    with FileLock(str(root / "two_processes.lock")):
-        if not (out_dir / "returncode").exists():
-            out_dir.mkdir(exist_ok=True)
-            proc = subprocess.run([sys.executable, str(Path(__file__).with_name("two_processes.py")), str(out_dir)],
-                                  env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                                  timeout=1200)
-            (out_dir / "stdout.txt").write_text(proc.stdout)
-            (out_dir / "stderr.txt").write_text(proc.stderr)
-            (out_dir / "returncode").write_text(str(proc.returncode))
-    assert (out_dir / "returncode").read_text() == "0", (out_dir / "stderr.txt").read_text()[-4000:]
-    return out_dir
+    out_dir = two_processes_dir(tmp_path_factory, worker_id)
+    with FileLock(str(out_dir.parent / "two_processes.lock")):
+        if not out_dir.exists():
+            out_dir.mkdir()
+            # a shell of its own writes the status: the worker that started it may be shut down before it ends
+            record = 'OMP_NUM_THREADS=1 "$0" "$1" "$2" > "$2/stdout.txt" 2> "$2/stderr.txt"; echo $? > "$2/rc.tmp"' \
+                     ' && mv "$2/rc.tmp" "$2/returncode"'
+            subprocess.Popen(["bash", "-c", record, sys.executable, str(Path(__file__).with_name("two_processes.py")),
+                              str(out_dir)], start_new_session=True)
+
+
+@pytest.fixture(scope="session")
+def two_processes(start_two_processes, tmp_path_factory, worker_id) -> Path:
+    """The records of every two-process case of the suite, from the one launch (`start_two_processes`)."""
+    returncode = two_processes_dir(tmp_path_factory, worker_id) / "returncode"
+    deadline = time.monotonic() + 1200
+    while not returncode.exists():
+        assert time.monotonic() < deadline, "the two-process launch did not end in 20 minutes"
+        time.sleep(0.5)
+    assert returncode.read_text().strip() == "0", (returncode.parent / "stderr.txt").read_text()[-4000:]
+    return returncode.parent
