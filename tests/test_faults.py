@@ -35,10 +35,15 @@ ARGS = [
 pytestmark = pytest.mark.usefixtures("one_thread")  # other processes take the cores
 
 
+def command(out_dir: Path, *extra: str) -> list:
+    """The LoRA recipe's command line of these tests (argv: the script, then its options)."""
+    return [str(ROOT / "finetune" / "lora.py"), *ARGS, "--out_dir", str(out_dir), *extra]
+
+
 def start(out_dir: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(ROOT / "finetune" / "lora.py"), *ARGS, "--out_dir", str(out_dir),
-                             *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, *command(out_dir, *extra)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple:
@@ -71,7 +76,7 @@ def assert_checkpoints_load(out_dir: Path) -> None:
 def run_in_process(monkeypatch, out_dir: Path, *extra: str) -> None:
     """The command line of `start`, run in this process (no litgpt import to wait for): its errors end it as the
     CLI's one line and exit status (SystemExit)."""
-    monkeypatch.setattr(sys, "argv", ["lora.py", *ARGS, "--out_dir", str(out_dir), *extra])
+    monkeypatch.setattr(sys, "argv", command(out_dir, *extra))
     trainer.cli(lora.setup)
 
 
@@ -316,7 +321,7 @@ TWO_PROCESS_ARGS = ["--devices", "2", "--train.save_interval", "1000", "--eval.i
 def two_process_reference(out_dir: Path) -> None:
     """The uninterrupted two-process run of the test below: a case of the suite's two-process launch
     (tests/two_processes.py), the same command line as the victim's."""
-    sys.argv = ["lora.py", *ARGS, *TWO_PROCESS_ARGS, "--out_dir", str(out_dir / "uninterrupted")]
+    sys.argv = command(out_dir / "uninterrupted", *TWO_PROCESS_ARGS)
     trainer.cli(lora.setup)
 
 
@@ -325,11 +330,10 @@ def test_sigterm_to_every_rank_of_a_two_process_run_saves_one_step_and_resumes_e
     """SLURM and Kubernetes signal every process of a job. Several ranks cannot each save where the signal found
     them (a save is a collective): the signal is held until the ranks agree on it at the next log step, where all
     of them save that step and exit with 143. Nothing was saved before (no --train.save_interval step)."""
-    args = TWO_PROCESS_ARGS
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    victim = subprocess.Popen([sys.executable, str(ROOT / "finetune" / "lora.py"), *ARGS, *args, "--out_dir",
-                               str(tmp_path / "preempted")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, start_new_session=True)  # its own process group: both ranks, as SLURM's
+    victim = subprocess.Popen([sys.executable, *command(tmp_path / "preempted", *TWO_PROCESS_ARGS)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)  # its own process group: both ranks, as SLURM's
     lines = []
     for line in victim.stdout:  # rank 0's validation lines, as they come
         lines.append(line)
@@ -342,7 +346,7 @@ def test_sigterm_to_every_rank_of_a_two_process_run_saves_one_step_and_resumes_e
     assert last.startswith("terminated: ") and "Traceback" not in err, err[-3000:]
     saved = saved_steps(tmp_path / "preempted")
     assert len(saved) == 1 and saved[0] >= 3 and f"step-{saved[0]:06d}/training_state.pth holds step" in last
-    code, out, err = finish(start(tmp_path / "preempted", *args, "--resume", "auto"))
+    code, out, err = finish(start(tmp_path / "preempted", *TWO_PROCESS_ARGS, "--resume", "auto"))
     assert code == 0, err[-3000:]
     reference = two_processes / "sigterm_reference" / "uninterrupted"
     expected = losses(reference, 0)
