@@ -7,6 +7,7 @@ litgpt, so with no branch dropped or skipped the output is bitwise identical to 
 
 from typing import Optional
 
+import litgpt.adapter
 import torch
 from torch import nn
 
@@ -86,18 +87,20 @@ def compile_branches(model: nn.Module, **compile_options) -> nn.Module:
     its gates. The gate decides outside the compiled code (a dropped branch is called under ``no_grad``), so a
     branch needs a graph per grad mode and per whether its input requires grad (with LoRA, not before the first
     kept branch with a trainable parameter), and one for evaluation: at most five, never one per drop mask, and
-    shared by the blocks. Shapes are dynamic from the start (fine-tuning batches vary in length), and so are integer
-    attributes of modules: litgpt's adapters test their block's ``block_idx`` against ``adapter_start_layer``, and a
-    static index would compile a graph per block; dynamic, the adapter's attention branch needs those graphs for two
-    kinds of block (with and without the prompt), plus one for evaluation with the prompt cached. Dynamo's
-    recompile limit is raised to 16, so that no branch falls back to eager. Both settings hold only while a compiled
-    branch runs (:data:`dropbp.compile.BRANCH_DYNAMO_CONFIG`, shared with the Transformers integration): the rest
-    of the process, a user's own compiled modules included, keeps Dynamo's. Embedding, head and loss stay eager;
-    generation with a KV cache runs the eager branches."""
-    branches = compile_branch_functions((attention_branch, mlp_branch), **compile_options)
+    shared by the blocks. Shapes are dynamic from the start (fine-tuning batches vary in length). In adapter models
+    integer attributes of modules are dynamic too: litgpt's adapters test their block's ``block_idx`` against
+    ``adapter_start_layer``, and a static index would compile a graph per block; dynamic, the adapter's attention
+    branch needs those graphs for two kinds of block (with and without the prompt), plus one for evaluation with
+    the prompt cached. Dynamo's recompile limit is raised to 16, so that no branch falls back to eager. These
+    settings hold only while a compiled branch runs (:mod:`dropbp.compile`, shared with the Transformers
+    integration): the rest of the process, a user's own compiled modules included, keeps Dynamo's. Embedding, head
+    and loss stay eager; generation with a KV cache runs the eager branches."""
     blocks = [m for m in model.modules() if isinstance(m, GatedBlock)]
     if not blocks:
         raise ValueError("compile_branches: the model has no gated block (build it from lit_gpt)")
+    adapter = any(isinstance(block.attn, litgpt.adapter.CausalSelfAttention) for block in blocks)  # v1 and v2
+    branches = compile_branch_functions((attention_branch, mlp_branch), dynamic_module_ints=adapter,
+                                        **compile_options)
     for block in blocks:
         block.branches = branches
     return model

@@ -5,7 +5,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+
+# inductor compiles in this process, not in a pool of worker processes that each import torch again (10 s of CPU a
+# compiling test on 2 cores, where the other core runs the other pytest worker anyway); inherited by the tests'
+# subprocesses. Set before torch is imported: inductor reads it once
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+import torch  # noqa: E402
 
 # `make test` runs two pytest workers (pytest-xdist) on a 2-core machine: one torch thread each, since more threads
 # than free cores makes CPU torch many times slower; a single pytest process takes both cores
