@@ -108,6 +108,7 @@ def print_time_per_sample(methods: tuple, spec: ModelSpec, plan: TimingPlan, wha
     print(f"{what}, {precision}, seq {plan.seq_len}, micro-batch {plan.micro_batch_size}, {where}, {plan.sampling}"
           f" sampling, median of {plan.steps} rounds, variant order shuffled each round (seed {ORDER_SEED})"
           f"{', compiled (torch.compile)' if spec.compile else ''}")
+    print(f"times in ms per sample: a step of micro-batch {plan.micro_batch_size} takes {plan.micro_batch_size}x them")
     print(markdown(rows))
     for r in rows:
         if r["variant"] == "plain":

@@ -103,6 +103,7 @@ def test_peft_beside_full_fine_tuning(capsys):
     assert full["floor_bw_vs_full"] > 0
     assert lora[0.0]["peak_gib"] == {r["variant"]: r for r in main(methods=("lora",), **dims)}[0.0]["peak_gib"]
     out = capsys.readouterr().out
+    assert "times in ms per sample: a step of micro-batch 2 takes 2x them" in out  # not per step (issue 31)
     assert "full fine-tuning (gated), p=0" in out
     assert "lora vs full fine-tuning (both gated, p=0): FW " in out and "input-gradient floor BW" in out
     with pytest.raises(SystemExit, match="--beside_full time the Table 5 rows"):
