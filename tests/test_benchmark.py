@@ -264,3 +264,24 @@ def test_random_checkpoint_defaults_to_the_gpu_only_when_there_is_one(tmp_path, 
     out = random_checkpoint.main(out_dir=tmp_path / "random", n_layer=1, n_embd=64, n_head=4, vocab_size=1024,
                                  seq_len=16, num_samples=2)
     assert (out / "lit_model.pth").is_file() and len(json.loads((out / "long_samples.json").read_text())) == 2
+
+
+def test_profile_recipe_times_the_steps_and_profiles_those_after_the_skipped_ones(tmp_path):
+    """scripts/profile_recipe.py (issue 31): the recipe's own run, each phase timed per call, the sensitivity pass
+    (between steps) left out of the times, and the operator table of the profiled steps."""
+    from scripts import profile_recipe
+
+    args = ["--data", "Builtin", "--data.num_samples", "32", "--train.global_batch_size", "4",
+            "--train.micro_batch_size", "2", "--train.max_seq_length", "32", "--eval.interval", "1000",
+            "--eval.initial_validation", "false", "--eval.final_validation", "false", "--eval.max_new_tokens", "0",
+            "--dropbp.rate", "0.5", "--dropbp.sensitivity_at", "0.2"]
+    result = profile_recipe.main("lora", [*args, "--train.max_steps", "5", "--out_dir", str(tmp_path / "a")],
+                                 skip=3, active=2)
+    assert result["steps"] == 5 and result["calls"]["forward+loss"] == 10  # the sensitivity pass's are not counted
+    assert (tmp_path / "a" / "dropbp_allocation.json").is_file()  # it ran
+    assert all(s > 0 for s in result["medians"].values())
+    for name in ("## forward+loss", "## backward", "## optimizer", "aten::mm"):
+        assert name in result["table"], name
+    with pytest.raises(SystemExit, match="the run ended before 5 steps: raise its --train.max_steps"):
+        profile_recipe.main("lora", [*args, "--train.max_steps", "2", "--out_dir", str(tmp_path / "b")],
+                            skip=3, active=2)
