@@ -66,7 +66,7 @@ def train(model, steps: int, seed: int = 0) -> tuple:
 
 # Shapes: every batch here has one shape, and the graph count under the recipes' dynamic shapes is what the adapter
 # case checks (a static block_idx would compile a graph per block) and what the recipes' compiled test runs; full
-# fine-tuning and LoRA compile static here, at a sixth of the time (symbolic shapes cost Dynamo most of its time).
+# fine-tuning and LoRA compile static here, at a third of the time (symbolic shapes cost Dynamo most of its time).
 # Over 30 s for the adapter (dynamic, and two kinds of block double the graphs): Dynamo and AOTAutograd trace every
 # graph that the property counts.
 @pytest.mark.parametrize("method, dynamic", [("full", False), ("lora", False), ("adapter", True)],
