@@ -7,7 +7,7 @@ from lit_gpt.gated import GatedBlock, install_gates, reset_adapter_cache
 
 
 class Block(GatedBlock, litgpt.adapter.Block):
-    pass
+    reads_block_index = True  # the adapter prompt's blocks: block_idx >= adapter_start_layer
 
 
 class GPT(litgpt.adapter.GPT):

@@ -36,7 +36,7 @@ def install_fast_adapter_v2(model: nn.Module) -> nn.Module:
 
 
 class Block(GatedBlock, litgpt.adapter_v2.Block):
-    pass
+    reads_block_index = True  # the adapter prompt's blocks: block_idx >= adapter_start_layer
 
 
 class GPT(litgpt.adapter_v2.GPT):

@@ -7,7 +7,6 @@ litgpt, so with no branch dropped or skipped the output is bitwise identical to 
 
 from typing import Optional
 
-import litgpt.adapter
 import torch
 from torch import nn
 
@@ -39,6 +38,7 @@ class GatedBlock:
     attn_gate: DropBPGate
     mlp_gate: DropBPGate
     branches = None  # (attention, mlp) branch functions in place of the eager ones: see compile_branches
+    reads_block_index = False  # litgpt's adapters: the attention branch tests block_idx (see compile_branches)
 
     def forward(
         self,
@@ -98,8 +98,8 @@ def compile_branches(model: nn.Module, **compile_options) -> nn.Module:
     blocks = [m for m in model.modules() if isinstance(m, GatedBlock)]
     if not blocks:
         raise ValueError("compile_branches: the model has no gated block (build it from lit_gpt)")
-    adapter = any(isinstance(block.attn, litgpt.adapter.CausalSelfAttention) for block in blocks)  # v1 and v2
-    branches = compile_branch_functions((attention_branch, mlp_branch), dynamic_module_ints=adapter,
+    per_block_ints = any(block.reads_block_index for block in blocks)
+    branches = compile_branch_functions((attention_branch, mlp_branch), dynamic_module_ints=per_block_ints,
                                         **compile_options)
     for block in blocks:
         block.branches = branches
