@@ -31,9 +31,8 @@ def compile_branch_functions(functions: Sequence[Callable], dynamic_module_ints:
     ``dynamic_module_ints``: add :data:`DYNAMIC_MODULE_INTS`, for branches that read a per-block integer. Dynamo
     then also makes every integer that the branch reads through a module symbolic (the config's widths and head
     counts), and with dynamic shapes reasons over them with the feature dimensions of the inputs: those are marked
-    static on every call (:func:`feature_dims_static`; the adapter's branches traced in 70 % of the time). Without
-    it, those integers are constants and only the batch and sequence dimensions are symbolic (a LoRA branch traced
-    in 55 % of the time that the setting costs)."""
+    static on every call (:func:`feature_dims_static`), which spares Dynamo part of that reasoning. Without it, those
+    integers are constants and only the batch and sequence dimensions are symbolic, which traces faster still."""
     compile_options = {"dynamic": True, **compile_options}
     settings = {**BRANCH_DYNAMO_CONFIG, **(DYNAMIC_MODULE_INTS if dynamic_module_ints else {})}
     with_settings = torch._dynamo.config.patch(**settings)  # re-entrant: a stack of saved values
